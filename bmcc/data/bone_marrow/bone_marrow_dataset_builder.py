@@ -1,0 +1,183 @@
+"""TFDS builder `bone_marrow`: the Matek et al. (Blood 2021) bone-marrow cell images.
+
+Manual download (see README.md beside this file, the dataset card). Prepared as ArrayRecord shards
+without TensorFlow. Each example holds the original JPEG bytes (validated, never re-encoded), the
+label (all 21 class codes, alphabetical) and the file name relative to the class root. Splits are
+assigned per file from its stem (`bmcc.data.splits`). Unreadable files are skipped and listed.
+
+After a build, `build_report.json` (counts, skipped, ignored and missing) and `splits.csv` (the
+split of every file) are written next to the shards by `prepare()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import tensorflow_datasets as tfds
+
+from bmcc.data import classes, discovery, splits
+from bmcc.data.validation import BadImageError, validate_jpeg
+
+# Files other projects delete as bad or duplicated (reason unpublished; DATASET.md). Our choice:
+# leave them out of the prepared dataset, list them in the build report as excluded. They are 10
+# of 171,374 images, so the choice cannot move any published comparison.
+KNOWN_BAD_FILES = frozenset({
+    "NGB_09454", "ART_07788", "EBO_06999", "BLA_09522", "MYB_05527",
+    "NGS_04035", "NGS_18642", "NGS_15228", "LYT_19975", "EOS_02571",
+})
+
+# Files read and validated at once by the thread pool (JPEG decoding releases the GIL).
+_CHUNK = 256
+_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """The bone-marrow cytomorphology dataset, from a manual download."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: original JPEGs, 80/10/10 stem-hash splits."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download the dataset from Kaggle (andrewmvd/bone-marrow-cell-classification: one zip) or from
+  The Cancer Imaging Archive (Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer) and put the
+  zip as downloaded, or the extracted `bone_marrow_cell_dataset/` or `BM_cytomorphology_data/`
+  folder, into the manual dir.
+  """
+
+  def __init__(self, *args, discovered: discovery.DiscoveredDataset | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._discovered = discovered
+    self.skipped: list[tuple[str, str]] = []  # (file_name, reason)
+    self.excluded: list[str] = []  # known bad files left out
+    self.assignments: list[tuple[str, str, str]] = []  # (file_name, code, split)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=list(classes.CODES)),
+            "file_name": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://doi.org/10.7937/TCIA.AXH3-T579",
+        license="CC BY 4.0",
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    if self._discovered is None:
+      self._discovered = discovery.discover(dl_manager.manual_dir)
+    found = self._discovered
+    per_split: dict[str, list[discovery.ImageEntry]] = collections.defaultdict(list)
+    for entry in found.entries:
+      if splits.file_stem(entry.file_name) in KNOWN_BAD_FILES:
+        self.excluded.append(entry.file_name)
+        continue
+      per_split[splits.split_of(entry.file_name)].append(entry)
+    return {name: self._generate_examples(per_split[name], name) for name in splits.SPLITS}
+
+  def _generate_examples(self, entries: list[discovery.ImageEntry], split: str
+                         ) -> Iterator[tuple[str, dict]]:
+    found = self._discovered
+
+    def load(entry: discovery.ImageEntry) -> tuple[discovery.ImageEntry, bytes | None, str]:
+      try:
+        data = found.read(entry)
+        validate_jpeg(data)
+        return entry, data, ""
+      except (BadImageError, OSError) as e:
+        return entry, None, str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+      for start in range(0, len(entries), _CHUNK):
+        for entry, data, reason in pool.map(load, entries[start:start + _CHUNK]):
+          if data is None:
+            logging.warning("Skipping %s: %s", entry.file_name, reason)
+            self.skipped.append((entry.file_name, reason))
+            continue
+          self.assignments.append((entry.file_name, entry.code, split))
+          yield entry.file_name, {
+              "image": data,
+              "label": entry.code,
+              "file_name": entry.file_name,
+          }
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _report(builder: Builder) -> dict:
+  found = builder._discovered  # pylint: disable=protected-access
+  counts = {name: collections.Counter() for name in splits.SPLITS}
+  for _, code, split in builder.assignments:
+    counts[split][code] += 1
+  missing = found.missing_classes()
+  return {
+      "source": found.container,
+      "source_is_zip": found.is_zip,
+      "class_root": found.class_root,
+      "layout": found.layout,
+      "images_found": len(found.entries),
+      "images_prepared": len(builder.assignments),
+      "counts": {s: {c: counts[s].get(c, 0) for c in classes.CODES} for s in splits.SPLITS},
+      "missing_classes": missing,
+      "skipped": [{"file_name": f, "reason": r} for f, r in sorted(builder.skipped)],
+      "excluded_known_bad": sorted(builder.excluded),
+      "duplicates": found.duplicates,
+      "ignored": found.ignored,
+  }
+
+
+def _write_manifest(path: str, assignments: list[tuple[str, str, str]]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file_name", "code", "label", "split"])
+    for file_name, code, split in sorted(assignments):
+      writer.writerow([file_name, code, classes.CODES.index(code), split])
+  os.replace(tmp, path)
+
+
+def prepare(data_dir: str, manual_dir: str) -> Builder:
+  """Prepares the dataset from `manual_dir` into `data_dir` (once) and returns the builder.
+
+  Finds the download first (a clear DatasetNotFoundError if there is none), then builds with TFDS's
+  progress bars, then writes `build_report.json` and `splits.csv` beside the shards and logs a
+  summary: per-class counts, skipped files with reasons, missing classes.
+  """
+  builder = Builder(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  found = discovery.discover(manual_dir)
+  logging.info(
+      "Preparing bone_marrow from %s (%s layout, %s): %d images found, %d files ignored.",
+      found.container, found.layout, "zip" if found.is_zip else "folder",
+      len(found.entries), len(found.ignored))
+  for path in found.ignored[:20]:
+    logging.warning("Ignored (not an image of a known class): %s", path)
+  if len(found.ignored) > 20:
+    logging.warning("... and %d more ignored files.", len(found.ignored) - 20)
+  builder = Builder(data_dir=data_dir, file_format="array_record", discovered=found)
+  manual = manual_dir if os.path.isdir(manual_dir) else os.path.dirname(manual_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  report = _report(builder)
+  _write_atomic(os.path.join(builder.data_dir, "build_report.json"), json.dumps(report, indent=2))
+  _write_manifest(os.path.join(builder.data_dir, "splits.csv"), builder.assignments)
+  logging.info("Prepared %d images into %s.", report["images_prepared"], builder.data_dir)
+  if report["missing_classes"]:
+    logging.warning("Classes with no images in the download: %s", report["missing_classes"])
+  for item in report["skipped"]:
+    logging.warning("Skipped %s: %s", item["file_name"], item["reason"])
+  if report["excluded_known_bad"]:
+    logging.info("Left out %d known bad files: %s", len(report["excluded_known_bad"]),
+                 report["excluded_known_bad"])
+  return builder

@@ -1,0 +1,61 @@
+"""`--mode=evaluate`: the best or latest checkpoint of a workdir on a chosen split."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+from flax import nnx
+
+from bmcc import checkpointing, config_validation, evaluate, metrics, train
+from bmcc.data import loading, pipeline
+
+
+def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
+  """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
+
+  The model is built from the metadata saved with the checkpoint (model name, its config, the
+  classes), so it does not depend on the config the caller passes.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise config_validation.ConfigError(
+        f"No checkpoints in {directory!r}: train first with --mode=train --workdir={workdir}.")
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  step = ckpt.best_step() if checkpoint == "best" else None
+  if step is None:
+    step = ckpt.latest_step()
+  if step is None:
+    raise config_validation.ConfigError(f"No complete checkpoint in {directory!r}.")
+  meta = ckpt.metadata(step)
+  config = ml_collections.ConfigDict({
+      "model": meta["model"], "model_config": meta["model_config"], "seed": 0})
+  model = train.create_model(config, len(meta["classes"]))
+  target = {"model": nnx.to_pure_dict(nnx.state(model))}
+  restored = ckpt.manager.restore(
+      step, args=checkpointing.ocp.args.Composite(
+          state=checkpointing.ocp.args.PyTreeRestore(
+              target, partial_restore=True)))["state"]
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, restored["model"])
+  nnx.update(model, state)
+  ckpt.close()
+  return model, meta, step
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str = "test",
+                     checkpoint: str = "best") -> dict:
+  """Evaluates a checkpoint of `workdir` on `split`; writes eval_<split>.json and friends."""
+  model, meta, step = restore_model(workdir, checkpoint)
+  mapping = pipeline.ClassMapping.create(meta["classes"])
+  builder = loading.load_builder(config.data)
+  report = evaluate.evaluate_split(
+      model, pipeline.data_source(builder, split), mapping=mapping,
+      image_size=meta["image_size"], batch_size=config.eval_batch_size,
+      mesh=train.create_mesh())
+  report["checkpoint_step"] = step
+  paths = metrics.write_report(report, workdir, split)
+  logging.info("Evaluated the %s checkpoint (step %d) on %s; report in %s\n%s", checkpoint, step,
+               split, paths["json"], metrics.format_per_class_table(report))
+  return report

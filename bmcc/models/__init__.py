@@ -1,0 +1,31 @@
+"""Model registry: Flax NNX classifiers by name.
+
+Every model maps a float batch [N, H, W, 3] (normalised) to logits [N, num_classes] and takes
+`train` through `model.train()` / `model.eval()` (dropout, batch-norm statistics) and a `rngs`
+argument at call time for dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from bmcc.models.simple_cnn import SimpleCNN
+
+_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "simple_cnn": SimpleCNN,
+}
+
+
+def available() -> list[str]:
+  """Names accepted by `create_model`."""
+  return sorted(_REGISTRY)
+
+
+def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+  """Builds the model registered as `name`; raises ValueError listing the names otherwise."""
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model {name!r}. Available models: {', '.join(available())}.")
+  return _REGISTRY[name](num_classes=num_classes, rngs=rngs, **kwargs)

@@ -1,0 +1,275 @@
+"""Training: state creation, the jit-compiled data-parallel train step, and the training loop.
+
+One code path for one CPU, several GPUs and several hosts: a `jax.sharding.Mesh` over all devices
+with one axis `data`; each batch is sharded over it, parameters and optimizer state are replicated,
+and XLA inserts the gradient all-reduce (batch-norm statistics are computed over the global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bmcc import checkpointing, config_validation, evaluate, metrics, models
+from bmcc.data import loading, pipeline
+
+
+def create_mesh(devices: list | None = None) -> Mesh:
+  """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then cosine, linear or constant decay.
+
+  The decay runs from the end of warm-up to `num_train_steps`, ending at
+  `learning_rate * end_learning_rate_factor`.
+  """
+  peak = config.learning_rate
+  end = peak * config.end_learning_rate_factor
+  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+  decay_steps = max(1, config.num_train_steps - config.warmup_steps)
+  if config.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_factor)
+  elif config.lr_schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif config.lr_schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}.")
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on kernels only: not on biases or normalisation scales (1-D parameters)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Adam or AdamW on the schedule, after global-norm gradient clipping."""
+  if config.optimizer == "adam":
+    tx = optax.adam(learning_rate_fn)
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
+  else:
+    raise ValueError(f"Unknown optimizer {config.optimizer!r}.")
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+  return models.create_model(config.model, num_classes=num_classes,
+                             rngs=nnx.Rngs(params=config.seed), **config.model_config.to_dict())
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("label_smoothing",))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
+               labels: jax.Array, dropout_key: jax.Array, label_smoothing: float = 0.0
+               ) -> dict[str, jax.Array]:
+  """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy."""
+  model.train()
+
+  def loss_fn(model):
+    logits = model(pipeline.normalize_images(images, jnp.float32),
+                   rngs=nnx.Rngs(dropout=dropout_key))
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+      targets = optax.smooth_labels(targets, label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, logits
+
+  (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+
+
+def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+  return {"model": nnx.to_pure_dict(nnx.state(model)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def _load_pure_state(model: nnx.Module, optimizer: nnx.Optimizer | None, pure: dict) -> None:
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, pure["model"])
+  nnx.update(model, state)
+  if optimizer is not None:
+    state = nnx.state(optimizer)
+    nnx.replace_by_pure_dict(state, pure["optimizer"])
+    nnx.update(optimizer, state)
+
+
+def run_metadata(config: ml_collections.ConfigDict, mapping: pipeline.ClassMapping) -> dict:
+  """What a checkpoint must be read with: model, its config, the classes and the image size."""
+  return {
+      "model": config.model,
+      "model_config": config.model_config.to_dict(),
+      "classes": list(mapping.codes),
+      "image_size": config.image_size,
+  }
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(name + ".", value)
+      elif isinstance(value, bool | int | float | str):
+        flat[name] = value
+      else:
+        flat[name] = str(value)
+
+  visit("", config)
+  return flat
+
+
+def _write_eval(writer, step: int, split: str, report: dict, workdir: str) -> None:
+  prefix = "val" if split == "validation" else split
+  writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in
+                              metrics.summary_scalars(report).items()})
+  writer.write_images(step, {f"{prefix}/confusion_matrix":
+                             metrics.confusion_matrix_image(report)[None]})
+  if jax.process_index() == 0:
+    metrics.write_report(report, workdir, split)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains (resuming from `workdir` if it holds checkpoints), then evaluates on the test split.
+
+  Returns the test report, or None when `config.stop_at_step` stopped the run early.
+  """
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: keep out of benchmarks
+
+  config_validation.validate(config, workdir)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mapping = pipeline.ClassMapping.create(config.data.classes)
+  builder = loading.load_builder(config.data)
+  mesh = create_mesh()
+  logging.info("Training on %d device(s) (%s), %d process(es); classes: %s.", mesh.size,
+               jax.devices()[0].platform, jax.process_count(), ", ".join(mapping.codes))
+
+  model = create_model(config, mapping.num_classes)
+  learning_rate_fn = create_learning_rate_fn(config)
+  optimizer = nnx.Optimizer(model, create_optimizer(config, learning_rate_fn), wrt=nnx.Param)
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(nnx.state((model, optimizer)), replicated)
+  nnx.update((model, optimizer), state)
+
+  per_process_batch = config.batch_size // jax.process_count()
+  train_ds = pipeline.train_dataset(
+      pipeline.data_source(builder, "train"), mapping=mapping, image_size=config.image_size,
+      batch_size=per_process_batch, seed=config.seed, augment=config.data.augment,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers)
+  train_iter = iter(train_ds)
+  validation_source = pipeline.data_source(builder, "validation")
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=config.keep_checkpoints)
+  metadata = run_metadata(config, mapping)
+  start_step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    config_validation.check_checkpoint_metadata(ckpt.metadata(latest), metadata, workdir)
+    restored = ckpt.restore(latest, _pure_state(model, optimizer), train_iter)
+    _load_pure_state(model, optimizer, restored)
+    start_step = latest
+    logging.info("Resumed from the checkpoint at step %d in %s.", latest, ckpt.directory)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams(_hparams(config))
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.num_train_steps, writer=writer)
+
+  data_sharding = NamedSharding(mesh, P("data"))
+  dropout_base = jax.random.key(config.seed + 1)
+  last_step = config.num_train_steps
+  if config.stop_at_step is not None:
+    last_step = min(last_step, config.stop_at_step)
+  pending: list[dict[str, jax.Array]] = []
+  with jax.set_mesh(mesh):
+    for step in range(start_step + 1, last_step + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(train_iter)
+        images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
+        labels = jax.make_array_from_process_local_data(data_sharding, batch["label"])
+        pending.append(train_step(model, optimizer, images, labels,
+                                  jax.random.fold_in(dropout_base, step),
+                                  label_smoothing=config.label_smoothing))
+      report_progress(step)
+
+      if step % config.log_every_steps == 0 or step == last_step:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        pending = []
+        if not np.isfinite(summary["loss"]):
+          raise FloatingPointError(
+              f"The training loss is {summary['loss']} at step {step}; stopping. The last good "
+              f"checkpoint is kept in {ckpt.directory}.")
+        summary["learning_rate"] = float(learning_rate_fn(step - 1))
+        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+
+      eval_metrics = None
+      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        with report_progress.timed("eval"):
+          report = evaluate.evaluate_split(
+              model, validation_source, mapping=mapping, image_size=config.image_size,
+              batch_size=config.eval_batch_size, mesh=mesh)
+        _write_eval(writer, step, "validation", report, workdir)
+        eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
+      if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
+          or step == last_step):
+        ckpt.save(step, _pure_state(model, optimizer), train_iter, metadata,
+                  metrics=eval_metrics, force=True)
+      writer.flush()
+
+  ckpt.wait_until_finished()
+  if last_step < config.num_train_steps:
+    logging.info("Stopped at step %d of %d as configured (stop_at_step); rerun with the same "
+                 "--workdir to continue.", last_step, config.num_train_steps)
+    writer.close()
+    ckpt.close()
+    return None
+
+  final_step = last_step
+  if config.final_eval_checkpoint == "best" and ckpt.best_step() is not None:
+    final_step = ckpt.best_step()
+    if final_step != last_step:
+      _load_pure_state(model, None, ckpt.restore(final_step, _pure_state(model, optimizer)))
+  logging.info("Final evaluation on the test split with the %s checkpoint (step %d).",
+               config.final_eval_checkpoint, final_step)
+  report = evaluate.evaluate_split(
+      model, pipeline.data_source(builder, "test"), mapping=mapping,
+      image_size=config.image_size, batch_size=config.eval_batch_size, mesh=mesh)
+  report["checkpoint_step"] = final_step
+  _write_eval(writer, last_step, "test", report, workdir)
+  logging.info("Test report written to %s:\n%s", os.path.join(workdir, "eval_test.json"),
+               metrics.format_per_class_table(report))
+  writer.close()
+  ckpt.close()
+  logging.info("Test summary: %s", json.dumps(metrics.summary_scalars(report)))
+  return report

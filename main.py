@@ -1,0 +1,58 @@
+"""bmcc entry point: train, evaluate, predict or prepare the dataset.
+
+  python main.py --config configs/demo.py --workdir runs/demo               # train (resumes)
+  python main.py --config configs/demo.py --workdir runs/demo --mode=evaluate --split=test
+  python main.py --config configs/default.py --workdir runs/x --mode=prepare
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "prepare"],
+                  "train (resumes from --workdir), evaluate a checkpoint, or prepare the dataset.")
+flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint for --mode=evaluate.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  # Imported here so that --help and flag errors come back fast.
+
+  from bmcc import config_validation
+  from bmcc.data import discovery
+
+  config = FLAGS.config
+  try:
+    if FLAGS.mode == "prepare":
+      from bmcc.data import loading
+      builder = loading.load_builder(config.data)
+      logging.info("The dataset is prepared in %s: %s", builder.data_dir,
+                   {k: v.num_examples for k, v in builder.info.splits.items()})
+      return 0
+    if FLAGS.workdir is None:
+      raise app.UsageError("--workdir is required for --mode=train and --mode=evaluate.")
+    if FLAGS.mode == "train":
+      from bmcc import train
+      train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+      from bmcc import evaluate_checkpoint
+      evaluate_checkpoint.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
+                                           checkpoint=FLAGS.checkpoint)
+  except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
