@@ -96,7 +96,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
 
 
 def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:

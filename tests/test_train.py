@@ -1,0 +1,124 @@
+"""Train step, schedule, optimizer and config validation."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmcc import config_validation, train
+from configs import demo
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = demo.get_config()
+  config.model_config.features = (4, 8)
+  config.model_config.dense = 8
+  config.model_config.dropout = 0.2
+  config.batch_size = 8
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _run_steps(devices, batches, config):
+  mesh = train.create_mesh(devices)
+  model = train.create_model(config, 21)
+  optimizer = nnx.Optimizer(
+      model, train.create_optimizer(config, train.create_learning_rate_fn(config)),
+      wrt=nnx.Param)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), replicated))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  losses = []
+  with jax.set_mesh(mesh):
+    for step, (images, labels) in enumerate(batches, start=1):
+      out = train.train_step(model, optimizer, jax.device_put(images, sharding),
+                             jax.device_put(labels, sharding),
+                             jax.random.fold_in(jax.random.key(1), step))
+      losses.append(float(out["loss"]))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  return losses, params, model.blocks[0].conv1.kernel.get_value().sharding
+
+
+def test_train_step_on_four_devices_matches_one_device():
+  assert jax.device_count() >= 4, "conftest sets 4 fake CPU devices"
+  rng = np.random.default_rng(0)
+  batches = [(rng.integers(0, 255, (8, 24, 24, 3), dtype=np.uint8),
+              rng.integers(0, 21, (8,), dtype=np.int32)) for _ in range(4)]
+  config = _config(warmup_steps=0)
+  losses1, params1, _ = _run_steps(jax.devices()[:1], batches, config)
+  losses4, params4, sharding4 = _run_steps(jax.devices()[:4], batches, config)
+  assert sharding4.mesh.size == 4 and sharding4.spec == jax.sharding.PartitionSpec()
+  # Same maths (batch-norm statistics over the global batch, the same dropout masks); only the
+  # order of floating-point reductions differs. Tolerance: 1e-5 relative.
+  np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params1, params4)
+  assert losses1[0] != losses1[-1]  # the parameters did move
+
+
+def test_learning_rate_schedule_values():
+  config = _config(learning_rate=1e-3, warmup_steps=10, num_train_steps=110,
+                   end_learning_rate_factor=0.01, lr_schedule="cosine")
+  lr = train.create_learning_rate_fn(config)
+  np.testing.assert_allclose(
+      [lr(0), lr(5), lr(10), lr(60), lr(110)],
+      [0.0, 5e-4, 1e-3, 1e-3 * (0.01 + 0.99 * 0.5), 1e-5], rtol=1e-6)
+  config.lr_schedule = "linear"
+  lr = train.create_learning_rate_fn(config)
+  np.testing.assert_allclose([lr(10), lr(60), lr(110)], [1e-3, 5.05e-4, 1e-5], rtol=1e-6)
+  config.lr_schedule = "constant"
+  lr = train.create_learning_rate_fn(config)
+  np.testing.assert_allclose([lr(5), lr(100)], [5e-4, 1e-3], rtol=1e-6)
+
+
+def test_weight_decay_only_on_kernels():
+  config = _config(weight_decay=0.5, grad_clip_norm=None, learning_rate=0.1, warmup_steps=0,
+                   lr_schedule="constant")
+  params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones((2,), np.float32)}
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)))  # decayed
+  np.testing.assert_allclose(updates["bias"], 0.0)  # not decayed
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 6}, "multiple of the device count"),
+    ({"eval_batch_size": 0}, "multiple of the device count"),
+    ({"model": "vgg"}, "Unknown model 'vgg'"),
+    ({"image_size": 8}, "image_size"),
+    ({"warmup_steps": 10_000}, "warmup_steps"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"final_eval_checkpoint": "first"}, "final_eval_checkpoint"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, override, message):
+  config = _config()
+  for key, value in override.items():
+    config[key] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    config_validation.validate(config, str(tmp_path))
+
+
+def test_bad_class_list_and_workdir(tmp_path):
+  config = _config()
+  config.data.classes = ("BLA", "XYZ")
+  with pytest.raises(config_validation.ConfigError, match="Valid codes are"):
+    config_validation.validate(config, str(tmp_path))
+  config.data.classes = None
+  not_a_folder = tmp_path / "file"
+  not_a_folder.write_text("x")
+  with pytest.raises(config_validation.ConfigError, match="not a writable folder"):
+    config_validation.validate(config, str(not_a_folder))
+
+
+def test_checkpoint_metadata_mismatch_is_an_error():
+  saved = {"model": "simple_cnn", "model_config": {"features": [4, 8]}, "classes": ["BLA", "EBO"],
+           "image_size": 48}
+  same = {"model": "simple_cnn", "model_config": {"features": (4, 8)}, "classes": ("BLA", "EBO"),
+          "image_size": 48}
+  config_validation.check_checkpoint_metadata(saved, same, "w")  # tuples vs lists: compatible
+  other = dict(same, classes=("BLA",))
+  with pytest.raises(config_validation.ConfigError, match="classes"):
+    config_validation.check_checkpoint_metadata(saved, other, "w")
