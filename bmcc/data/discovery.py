@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from bmcc.data import classes
 
@@ -116,10 +116,23 @@ def _collect(paths: Iterable[str]) -> tuple[dict[str, list[tuple[str, str, str]]
   return by_root, ignored
 
 
+def _walk_tree(folder: str) -> Iterator[tuple[str, list[str]]]:
+  """(dirpath, filenames) of every folder under `folder`, following symlinked folders (a download
+  linked into the manual dir) but entering each real folder once, so a link loop cannot recurse."""
+  seen = set()
+  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_PARTS)
+    yield dirpath, filenames
+
+
 def _walk(folder: str) -> list[str]:
   paths = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_PARTS)
+  for dirpath, filenames in _walk_tree(folder):
     rel_dir = os.path.relpath(dirpath, folder)
     for name in filenames:
       if name.lower().endswith(".zip"):
@@ -182,7 +195,7 @@ def discover(manual_dir: str | os.PathLike) -> DiscoveredDataset:
     folder_result = _build(manual_dir, False, _walk(manual_dir))
     zips = sorted(
         os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(manual_dir)
+        for dirpath, names in _walk_tree(manual_dir)
         for name in names if name.lower().endswith(".zip"))
   if folder_result is not None:
     if zips:

@@ -24,6 +24,11 @@ def validate_jpeg(data: bytes) -> tuple[int, int]:
     raise BadImageError("empty file (0 bytes)")
   if not data.startswith(b"\xff\xd8"):
     raise BadImageError(f"not a JPEG (starts with {data[:8]!r})")
+  # A complete JPEG ends with the end-of-image marker (some writers pad after it). Checked here
+  # too because PIL accepts truncated files when ImageFile.LOAD_TRUNCATED_IMAGES is set, which
+  # other libraries (TFDS among them) do process-wide.
+  if b"\xff\xd9" not in data[-1024:]:
+    raise BadImageError("truncated JPEG (no end-of-image marker)")
   try:
     with Image.open(io.BytesIO(data)) as image:
       if image.format != "JPEG":

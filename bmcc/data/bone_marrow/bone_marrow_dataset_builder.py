@@ -92,6 +92,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       except (BadImageError, OSError) as e:
         return entry, None, str(e)
 
+    yielded = 0
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
       for start in range(0, len(entries), _CHUNK):
         for entry, data, reason in pool.map(load, entries[start:start + _CHUNK]):
@@ -100,11 +101,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             self.skipped.append((entry.file_name, reason))
             continue
           self.assignments.append((entry.file_name, entry.code, split))
+          yielded += 1
           yield entry.file_name, {
               "image": data,
               "label": entry.code,
               "file_name": entry.file_name,
           }
+    if not yielded:  # TFDS would fail with a bare "No examples were yielded".
+      raise discovery.DatasetNotFoundError(
+          f"No usable image falls into the {split!r} split: {len(found.entries)} images were "
+          f"found in {found.container!r} and {len(entries)} of them were assigned to {split!r} "
+          f"(all unreadable, or none). Every split ({', '.join(splits.SPLITS)}) needs at least "
+          "one image; add more images to the download.")
 
 
 def _write_atomic(path: str, text: str) -> None:
