@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from bmcc import models
-from bmcc.data import classes
+from bmcc.data import classes, splits
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"config.data.classes: {e}") from None
     if len(codes) < 2:
       raise ConfigError("config.data.classes needs at least two classes.")
+  try:
+    splits.Selection("train", config.data.fold, config.data.num_folds)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in ("batch_size", "eval_batch_size"):
     value = config[key]
     if not isinstance(value, int) or value <= 0 or value % devices:
@@ -68,7 +72,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
 def check_checkpoint_metadata(saved: dict, current: dict, workdir: str) -> None:
   """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
   current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
-  for key in ("model", "model_config", "classes", "image_size"):
+  for key in ("model", "model_config", "classes", "image_size", "fold", "num_folds"):
     if saved.get(key) != current.get(key):
       raise ConfigError(
           f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "

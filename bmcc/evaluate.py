@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bmcc import metrics
-from bmcc.data import pipeline
+from bmcc.data import pipeline, splits
 
 
 @nnx.jit
@@ -50,13 +50,14 @@ def predict_batches(model: nnx.Module, batches: Iterable[dict], mesh: Mesh
 
 
 def evaluate_split(model: nnx.Module, source, *, mapping: pipeline.ClassMapping,
-                   image_size: int, batch_size: int, mesh: Mesh) -> dict:
+                   image_size: int, batch_size: int, mesh: Mesh,
+                   selection: splits.Selection | None = None) -> dict:
   """The classification report (bmcc.metrics) of `model` on one split's data source."""
   start = time.time()
   per_process = batch_size // jax.process_count()
   batches = pipeline.eval_batches(
       source, mapping=mapping, image_size=image_size, batch_size=per_process,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(), selection=selection)
   labels, probs, mask = predict_batches(model, batches, mesh)
   report = metrics.classification_report(labels, probs, mapping.codes, mask=mask,
                                          class_names=mapping.names)

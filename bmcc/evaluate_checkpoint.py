@@ -9,7 +9,7 @@ import ml_collections
 from flax import nnx
 
 from bmcc import checkpointing, config_validation, evaluate, metrics, train
-from bmcc.data import loading, pipeline
+from bmcc.data import loading, pipeline, splits
 
 
 def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
@@ -50,10 +50,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: 
   model, meta, step = restore_model(workdir, checkpoint)
   mapping = pipeline.ClassMapping.create(meta["classes"])
   builder = loading.load_builder(config.data)
+  selection = splits.Selection(split, meta.get("fold"), meta.get("num_folds"))
   report = evaluate.evaluate_split(
-      model, pipeline.data_source(builder, split), mapping=mapping,
+      model, pipeline.role_source(builder, selection), mapping=mapping,
       image_size=meta["image_size"], batch_size=config.eval_batch_size,
-      mesh=train.create_mesh())
+      mesh=train.create_mesh(), selection=selection)
   report["checkpoint_step"] = step
   paths = metrics.write_report(report, workdir, split)
   logging.info("Evaluated the %s checkpoint (step %d) on %s; report in %s\n%s", checkpoint, step,

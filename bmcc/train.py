@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bmcc import checkpointing, config_validation, evaluate, metrics, models
-from bmcc.data import loading, pipeline
+from bmcc.data import loading, pipeline, splits
 
 
 def create_mesh(devices: list | None = None) -> Mesh:
@@ -121,6 +121,8 @@ def run_metadata(config: ml_collections.ConfigDict, mapping: pipeline.ClassMappi
       "model_config": config.model_config.to_dict(),
       "classes": list(mapping.codes),
       "image_size": config.image_size,
+      "fold": config.data.fold,
+      "num_folds": config.data.num_folds,
   }
 
 
@@ -175,13 +177,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   nnx.update((model, optimizer), state)
 
   per_process_batch = config.batch_size // jax.process_count()
+  selections = {role: splits.Selection(role, config.data.fold, config.data.num_folds)
+                for role in splits.SPLITS}
   train_ds = pipeline.train_dataset(
-      pipeline.data_source(builder, "train"), mapping=mapping, image_size=config.image_size,
-      batch_size=per_process_batch, seed=config.seed, augment=config.data.augment,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers)
+      pipeline.role_source(builder, selections["train"]), mapping=mapping,
+      image_size=config.image_size, batch_size=per_process_batch, seed=config.seed,
+      augment=config.data.augment, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.data.num_workers,
+      selection=selections["train"])
   train_iter = iter(train_ds)
-  validation_source = pipeline.data_source(builder, "validation")
+  validation_source = pipeline.role_source(builder, selections["validation"])
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
@@ -238,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         with report_progress.timed("eval"):
           report = evaluate.evaluate_split(
               model, validation_source, mapping=mapping, image_size=config.image_size,
-              batch_size=config.eval_batch_size, mesh=mesh)
+              batch_size=config.eval_batch_size, mesh=mesh, selection=selections["validation"])
         _write_eval(writer, step, "validation", report, workdir)
         eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
       if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
@@ -263,8 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   logging.info("Final evaluation on the test split with the %s checkpoint (step %d).",
                config.final_eval_checkpoint, final_step)
   report = evaluate.evaluate_split(
-      model, pipeline.data_source(builder, "test"), mapping=mapping,
-      image_size=config.image_size, batch_size=config.eval_batch_size, mesh=mesh)
+      model, pipeline.role_source(builder, selections["test"]), mapping=mapping,
+      image_size=config.image_size, batch_size=config.eval_batch_size, mesh=mesh,
+      selection=selections["test"])
   report["checkpoint_step"] = final_step
   _write_eval(writer, last_step, "test", report, workdir)
   logging.info("Test report written to %s:\n%s", os.path.join(workdir, "eval_test.json"),

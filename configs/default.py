@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic = None
   # Where the synthetic dataset is written and prepared; None: ~/.cache/bmcc.
   config.data.cache_dir = placeholder(str)
+  # k-fold cross-validation (Matek et al. 2021 used 5 folds): test on fold `fold` of `num_folds`,
+  # validate on ~10% of the other folds, train on the rest; None: the prepared 80/10/10 splits.
+  config.data.num_folds = placeholder(int)
+  config.data.fold = placeholder(int)
   config.data.augment = True  # random flips and 90-degree rotations while training
   config.data.num_workers = 2  # grain worker processes decoding images; 0: decode in-process
 

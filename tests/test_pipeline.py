@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmcc.data import pipeline
+from bmcc.data import pipeline, splits
 
 
 class FakeSource:
@@ -138,3 +138,36 @@ def test_normalize_images_is_exact():
   np.testing.assert_allclose(pipeline.normalize_images(images), 0.0)
   images = np.array([[[[250, 235, 245]]]], np.uint8)
   np.testing.assert_allclose(pipeline.normalize_images(images), 1.0)
+
+
+def test_kfold_selection_partitions_and_reads_all_splits():
+  names = [f"BLA/0001-1000/BLA_{i:05d}.jpg" for i in range(1, 2001)]
+  k = 5
+  tests = [[n for n in names if splits.Selection("test", i, k)(n)] for i in range(k)]
+  assert sorted(sum(tests, [])) == sorted(names)  # the test folds partition the data
+  for i in range(k):
+    roles = {r: {n for n in names if splits.Selection(r, i, k)(n)} for r in splits.SPLITS}
+    assert not roles["train"] & roles["validation"] and not roles["train"] & roles["test"]
+    assert roles["train"] | roles["validation"] | roles["test"] == set(names)
+    assert 0.15 < len(roles["test"]) / len(names) < 0.25
+    assert 0.05 < len(roles["validation"]) / len(names) < 0.12
+  plain = splits.Selection("validation")
+  assert plain.splits() == ("validation",) and plain(names[0])
+  assert splits.Selection("test", 1, 5).splits() == splits.SPLITS
+  with pytest.raises(ValueError, match="both"):
+    splits.Selection("train", 1, None)
+  with pytest.raises(ValueError, match="fold=5"):
+    splits.Selection("train", 5, 5)
+
+
+def test_kfold_eval_reads_only_its_fold(source):
+  sources = [FakeSource(10), FakeSource(7)]
+  concat = pipeline.ConcatSource(sources)
+  assert len(concat) == 17 and concat[12] is sources[1].records[2]
+  selection = splits.Selection("test", 0, 2)
+  batches = list(pipeline.eval_batches(concat, mapping=pipeline.ClassMapping.create(None),
+                                       image_size=16, batch_size=4, selection=selection))
+  kept = [r for r in sources[0].records + sources[1].records
+          if selection(r["file_name"].decode())]
+  assert 0 < len(kept) < 17
+  assert sum(int(b["mask"].sum()) for b in batches) == len(kept)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from bmcc.data import classes
+from bmcc.data import classes, splits
 
 # Per-channel mean and standard deviation (0..255 scale) of stained bone-marrow cells, measured on
 # the synthetic set and close to the values commonly used for this stain; a fixed normaliser keeps
@@ -93,16 +93,46 @@ def normalize_images(images, dtype=np.float32):
 
 
 class _Parse:
-  """Record -> {'image': bytes, 'label': run label}, or None for a class left out."""
+  """Record -> {'image': bytes, 'label': run label}, or None for a file the run leaves out
+  (a class not in the mapping, or a file outside the run's fold selection)."""
 
-  def __init__(self, mapping: ClassMapping):
+  def __init__(self, mapping: ClassMapping, selection: splits.Selection | None = None):
     self._table = mapping.lookup_table()
+    self._selection = selection if selection is not None and selection.uses_folds else None
+
+  @property
+  def filters(self) -> bool:
+    return self._selection is not None or not np.array_equal(
+        self._table, np.arange(classes.NUM_CLASSES))
 
   def __call__(self, record: dict) -> dict | None:
     label = int(self._table[int(record["label"])])
     if label < 0:
       return None
+    if self._selection is not None:
+      file_name = record["file_name"]
+      if isinstance(file_name, bytes):
+        file_name = file_name.decode("utf-8")
+      if not self._selection(file_name):
+        return None
     return {"image": record["image"], "label": label}
+
+
+class ConcatSource:
+  """Several random-access sources read as one (the prepared splits, for k-fold runs)."""
+
+  def __init__(self, sources: Sequence):
+    self._sources = list(sources)
+    self._offsets = np.cumsum([0] + [len(s) for s in self._sources])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    which = int(np.searchsorted(self._offsets, index, side="right") - 1)
+    return self._sources[which][index - int(self._offsets[which])]
 
 
 class _TrainTransform:
@@ -137,17 +167,25 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
   return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
+def role_source(builder: tfds.core.DatasetBuilder, selection: splits.Selection):
+  """The source a role reads: its prepared split, or all splits for a k-fold selection."""
+  sources = [data_source(builder, split) for split in selection.splits()]
+  return sources[0] if len(sources) == 1 else ConcatSource(sources)
+
+
 def train_dataset(source, *, mapping: ClassMapping, image_size: int, batch_size: int, seed: int,
                   augment: bool = True, process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0) -> grain.IterDataset:
+                  num_workers: int = 0, selection: splits.Selection | None = None
+                  ) -> grain.IterDataset:
   """The infinite, shuffled, augmented training stream of this process's batches.
 
   `batch_size` is the per-process batch. The same seed gives the same batches; the order of
   examples and the augmentation of each depend only on (seed, position in the stream).
   """
   ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None).map(_Parse(mapping))
-  if not mapping.is_identity:
+  parse = _Parse(mapping, selection)
+  ds = ds.shuffle(seed=seed).repeat(None).map(parse)
+  if parse.filters:
     ds = ds.filter(_is_kept)
   ds = ds.random_map(_TrainTransform(image_size, augment), seed=seed + 1)
   ids = ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
@@ -157,16 +195,18 @@ def train_dataset(source, *, mapping: ClassMapping, image_size: int, batch_size:
 
 
 def eval_batches(source, *, mapping: ClassMapping, image_size: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1,
+                 selection: splits.Selection | None = None) -> Iterator[dict]:
   """Every example of `source` (this process's slice) once, padded to full batches with a mask.
 
-  Every process yields the same number of batches (from the unfiltered slice length), so
-  multi-process evaluation steps stay in lock-step; the extra batches are fully masked.
+  With several processes, every process yields the same number of batches (from the unfiltered
+  slice length), so evaluation steps stay in lock-step; the extra batches are fully masked.
   """
   ds = grain.MapDataset.source(source)[process_index::process_count]
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
-  ds = ds.map(_Parse(mapping))
-  if not mapping.is_identity:
+  parse = _Parse(mapping, selection)
+  ds = ds.map(parse)
+  if parse.filters:
     ds = ds.filter(_is_kept)
   ds = ds.map(_EvalTransform(image_size))
   produced = 0
@@ -175,6 +215,8 @@ def eval_batches(source, *, mapping: ClassMapping, image_size: int, batch_size: 
     produced += 1
   empty = {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
            "label": np.zeros((0,), np.int32)}
+  if process_count == 1:
+    return  # no lock-step to keep
   for _ in range(produced, num_batches):
     yield pad_batch(empty, batch_size)
 

@@ -50,3 +50,42 @@ def fold_of(file_name: str, num_folds: int) -> int:
   if num_folds < 2:
     raise ValueError(f"num_folds must be at least 2, got {num_folds}")
   return int(_unit_hash("fold:" + file_stem(file_name)) * num_folds)
+
+
+class Selection:
+  """Which files of the prepared dataset a run uses for one role (train, validation or test).
+
+  Without folds, each role is the prepared split of the same name and nothing is filtered. With
+  k-fold cross-validation (fold i of k, as in Matek et al. 2021's 5-fold protocol), the role is
+  drawn from all prepared files: test is fold i; validation is the files of the other folds that
+  `split_of` puts in 'validation' (about 10%); train is the rest. Picklable (grain workers).
+  """
+
+  def __init__(self, role: str, fold: int | None = None, num_folds: int | None = None):
+    if role not in SPLITS:
+      raise ValueError(f"role must be one of {SPLITS}, got {role!r}")
+    if (fold is None) != (num_folds is None):
+      raise ValueError("Set both data.fold and data.num_folds, or neither.")
+    if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
+      raise ValueError(f"data.fold={fold} must be in 0..num_folds-1 and num_folds={num_folds} "
+                       ">= 2.")
+    self.role = role
+    self.fold = fold
+    self.num_folds = num_folds
+
+  @property
+  def uses_folds(self) -> bool:
+    return self.num_folds is not None
+
+  def splits(self) -> tuple[str, ...]:
+    """The prepared splits this role reads."""
+    return SPLITS if self.uses_folds else (self.role,)
+
+  def __call__(self, file_name: str) -> bool:
+    if not self.uses_folds:
+      return True
+    in_fold = fold_of(file_name, self.num_folds) == self.fold
+    if self.role == "test":
+      return in_fold
+    is_validation = split_of(file_name) == "validation"
+    return not in_fold and (is_validation if self.role == "validation" else not is_validation)
