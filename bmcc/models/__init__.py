@@ -12,9 +12,14 @@ from typing import Any
 
 from flax import nnx
 
+from bmcc.models.resnet import resnet18, resnet34, resnet50, resnext50_32x4d
 from bmcc.models.simple_cnn import SimpleCNN
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnext50_32x4d": resnext50_32x4d,
     "simple_cnn": SimpleCNN,
 }
 
