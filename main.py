@@ -3,6 +3,7 @@
   python main.py --config configs/demo.py --workdir runs/demo               # train (resumes)
   python main.py --config configs/demo.py --workdir runs/demo --mode=evaluate --split=test
   python main.py --config configs/default.py --workdir runs/x --mode=prepare
+  python main.py --config configs/demo.py --workdir runs/demo --mode=predict cell.jpg cells/
 """
 
 from __future__ import annotations
@@ -15,19 +16,23 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "prepare"],
-                  "train (resumes from --workdir), evaluate a checkpoint, or prepare the dataset.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
+                  "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
+                  "and folders given as arguments, or prepare the dataset.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint for --mode=evaluate.")
+flags.DEFINE_bool("tta", False, "--mode=predict: average over the 8 rotations/flips of each image.")
+flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
+flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> int:
-  del argv
   # Imported here so that --help and flag errors come back fast.
 
   from bmcc import config_validation
   from bmcc.data import discovery
+  from bmcc.train import TrainingInterrupted
 
   config = FLAGS.config
   try:
@@ -46,10 +51,26 @@ def main(argv: list[str]) -> int:
       from bmcc import evaluate_checkpoint
       evaluate_checkpoint.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
                                            checkpoint=FLAGS.checkpoint)
+    elif FLAGS.mode == "predict":
+      if len(argv) < 2:
+        raise app.UsageError("--mode=predict needs image files or folders as arguments.")
+      from bmcc import predict
+      return predict.predict_paths(
+          FLAGS.workdir, argv[1:], checkpoint=FLAGS.checkpoint,
+          batch_size=config.eval_batch_size, top_k=FLAGS.top_k, tta=FLAGS.tta,
+          output_csv=FLAGS.output_csv)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # a diverged run: the last good checkpoint is kept
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 4
+  except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume
+    logging.warning("%s", e)
+    print(f"interrupted: {e}", file=sys.stderr)
+    return 3
   return 0
 
 

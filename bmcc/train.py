@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -153,6 +155,53 @@ def _write_eval(writer, step: int, split: str, report: dict, workdir: str) -> No
     metrics.write_report(report, workdir, split)
 
 
+class TrainingInterrupted(Exception):
+  """SIGTERM or SIGINT stopped training after a checkpoint at the step reached."""
+
+
+class _StopRequest:
+  """Turns SIGTERM and SIGINT into a request to checkpoint and stop after the current step.
+
+  A second signal of either kind interrupts at once (the last complete checkpoint stays valid).
+  """
+
+  def __init__(self):
+    self.signal: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    if self.signal is not None:
+      raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
+    self.signal = signal.Signals(signum).name
+    logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
+                    self.signal)
+
+  def __enter__(self) -> _StopRequest:
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _summarize(pending: list[tuple[int, dict[str, jax.Array]]], checkpoint_dir: str
+               ) -> dict[str, float]:
+  """Means of the pending step metrics; FloatingPointError naming the first non-finite step."""
+  if not pending:
+    return {}
+  values = jax.device_get([m for _, m in pending])
+  for (step, _), m in zip(pending, values, strict=True):
+    bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+    if bad:
+      raise FloatingPointError(
+          f"Non-finite training metrics at step {step}: {bad}. Training stopped; the last good "
+          f"checkpoint is kept in {checkpoint_dir}. Lower the learning rate or check the data.")
+  return {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from `workdir` if it holds checkpoints), then evaluates on the test split.
 
@@ -215,44 +264,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   last_step = config.num_train_steps
   if config.stop_at_step is not None:
     last_step = min(last_step, config.stop_at_step)
-  pending: list[dict[str, jax.Array]] = []
-  with jax.set_mesh(mesh):
-    for step in range(start_step + 1, last_step + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = next(train_iter)
-        images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
-        labels = jax.make_array_from_process_local_data(data_sharding, batch["label"])
-        pending.append(train_step(model, optimizer, images, labels,
-                                  jax.random.fold_in(dropout_base, step),
-                                  label_smoothing=config.label_smoothing))
-      report_progress(step)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, metrics) not yet logged
+  step = start_step
+  try:
+    with jax.set_mesh(mesh), _StopRequest() as stop_request:
+      for step in range(start_step + 1, last_step + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = next(train_iter)
+          images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
+          labels = jax.make_array_from_process_local_data(data_sharding, batch["label"])
+          pending.append((step, train_step(model, optimizer, images, labels,
+                                           jax.random.fold_in(dropout_base, step),
+                                           label_smoothing=config.label_smoothing)))
+        report_progress(step)
 
-      if step % config.log_every_steps == 0 or step == last_step:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                   for k in pending[0]}
-        pending = []
-        if not np.isfinite(summary["loss"]):
-          raise FloatingPointError(
-              f"The training loss is {summary['loss']} at step {step}; stopping. The last good "
-              f"checkpoint is kept in {ckpt.directory}.")
-        summary["learning_rate"] = float(learning_rate_fn(step - 1))
-        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        if step % config.log_every_steps == 0 or step == last_step:
+          summary = _summarize(pending, ckpt.directory)
+          pending = []
+          summary["learning_rate"] = float(learning_rate_fn(step - 1))
+          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
 
-      eval_metrics = None
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        with report_progress.timed("eval"):
-          report = evaluate.evaluate_split(
-              model, validation_source, mapping=mapping, image_size=config.image_size,
-              batch_size=config.eval_batch_size, mesh=mesh, selection=selections["validation"])
-        _write_eval(writer, step, "validation", report, workdir)
-        eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
-      if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
-          or step == last_step):
-        ckpt.save(step, _pure_state(model, optimizer), train_iter, metadata,
-                  metrics=eval_metrics, force=True)
-      writer.flush()
+        eval_metrics = None
+        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+          _summarize(pending, ckpt.directory)  # never evaluate or keep a diverged model
+          with report_progress.timed("eval"):
+            report = evaluate.evaluate_split(
+                model, validation_source, mapping=mapping, image_size=config.image_size,
+                batch_size=config.eval_batch_size, mesh=mesh,
+                selection=selections["validation"])
+          _write_eval(writer, step, "validation", report, workdir)
+          eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
+        if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
+            or step == last_step or stop_request.signal is not None):
+          _summarize(pending, ckpt.directory)  # a non-finite state never replaces a good one
+          ckpt.save(step, _pure_state(model, optimizer), train_iter, metadata,
+                    metrics=eval_metrics, force=True)
+        writer.flush()
+        if stop_request.signal is not None:
+          raise TrainingInterrupted(
+              f"Stopped by {stop_request.signal} at step {step} of {config.num_train_steps}, "
+              f"with a checkpoint in {ckpt.directory}; rerun the same command to resume.")
+  finally:
+    ckpt.wait_until_finished()
+    writer.flush()
 
-  ckpt.wait_until_finished()
   if last_step < config.num_train_steps:
     logging.info("Stopped at step %d of %d as configured (stop_at_step); rerun with the same "
                  "--workdir to continue.", last_step, config.num_train_steps)

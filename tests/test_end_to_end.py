@@ -3,50 +3,20 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from bmcc import checkpointing, train
-from configs import demo
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bmcc import train
+from configs import tiny
+from tests import helpers
 
 
 def _tiny_config(cache_dir: str):
-  config = demo.get_config()
-  config.data.synthetic.scale = 0.002
-  config.data.synthetic.minimum = 8
+  config = tiny.get_config()
   config.data.cache_dir = cache_dir
-  config.image_size = 32
-  config.model_config.features = (8, 16)
-  config.model_config.dense = 16
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_train_steps = 24
-  config.warmup_steps = 4
-  config.log_every_steps = 4
-  config.eval_every_steps = 8
-  config.checkpoint_every_steps = 4
   return config
-
-
-def _final_params(workdir: str) -> dict:
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  step = ckpt.latest_step()
-  config = _tiny_config("unused")
-  model = train.create_model(config, 21)
-  from flax import nnx  # noqa: PLC0415
-  target = {"model": nnx.to_pure_dict(nnx.state(model))}
-  optimizer = nnx.Optimizer(model, train.create_optimizer(
-      config, train.create_learning_rate_fn(config)), wrt=nnx.Param)
-  target["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer))
-  restored = ckpt.restore(step, target)
-  ckpt.close()
-  return step, jax.tree.map(np.asarray, restored)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +36,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
   config.stop_at_step = None
   report_parts = train.train_and_evaluate(config, parts)
 
-  step_full, params_full = _final_params(full)
-  step_parts, params_parts = _final_params(parts)
+  step_full, params_full = helpers.final_state(full, config)
+  step_parts, params_parts = helpers.final_state(parts, config)
   assert step_full == step_parts == 24
   jax.tree.map(np.testing.assert_array_equal, params_full, params_parts)  # bit for bit
   with open(os.path.join(full, "eval_test.json")) as f1, \
@@ -106,11 +76,8 @@ def _tensorboard_tags(workdir: str) -> set[str]:
 def test_demo_command_reaches_its_stated_balanced_accuracy(tmp_path, cache_dir):
   """`python main.py --config configs/demo.py` on one CPU device, as the README runs it."""
   workdir = str(tmp_path / "demo")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "main.py", "--config", "configs/demo.py", "--workdir", workdir,
-       f"--config.data.cache_dir={cache_dir}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  result = helpers.run_main("demo.py", workdir, f"--config.data.cache_dir={cache_dir}",
+                            timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval_test.json")) as f:
     report = json.load(f)
@@ -123,12 +90,9 @@ def test_demo_command_reaches_its_stated_balanced_accuracy(tmp_path, cache_dir):
 
 
 def test_missing_dataset_is_a_clear_error_and_nonzero_exit(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "main.py", "--config", "configs/default.py", "--workdir",
-       str(tmp_path / "w"), f"--config.data.data_dir={tmp_path / 'tfds'}",
-       f"--config.data.manual_dir={tmp_path / 'nothing'}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = helpers.run_main("default.py", str(tmp_path / "w"),
+                            f"--config.data.data_dir={tmp_path / 'tfds'}",
+                            f"--config.data.manual_dir={tmp_path / 'nothing'}", timeout=300)
   assert result.returncode == 2
   assert "manual dir" in result.stderr and "nothing" in result.stderr
   assert "Kaggle" in result.stderr

@@ -1,0 +1,446 @@
+"""`--mode=predict`: a checkpoint + image files or folders -> one JSON line per image.
+
+  python main.py --mode=predict --config configs/demo.py --workdir runs/demo cell.jpg more_cells/
+
+The model, its classes and its input size come from the metadata saved with the checkpoint (the
+`--config` only supplies `eval_batch_size`). For every image, in the order given (folders walked
+recursively in sorted order), stdout gets one JSON object:
+
+  {"path": "cell.jpg", "code": "BLA", "name": "Blast", "probability": 0.93,
+   "top_k": [{"code": "BLA", "name": "Blast", "probability": 0.93}, ...]}
+
+plus a `"warning"` when the image is far from the training geometry (250 x 250 px cells: a side
+outside 125..500 px, or not square within 10%); it is still predicted. A file that cannot be used
+(missing, unreadable, not an image, truncated, a decompression bomb) gets one line
+`error: <path>: <reason>` on stderr and the other files are still predicted; the exit status is 1
+if any file failed or no image was found, else 0.
+
+Decoding matches training (`bmcc.data.pipeline.decode_image`: libjpeg DCT scaling, then a bilinear
+resize to the model's size), after converting any PIL mode to RGB: greyscale and palette images
+are expanded, transparent pixels are composited onto white (the light background of a smear),
+16-bit images are scaled to 8 bits. Images are decoded by a thread pool (PIL releases the GIL)
+while the device runs the previous batch; batches are padded to one fixed size, so there is one
+compilation per run. With `tta=True` the probabilities are averaged over the 8 rotations and flips
+of each image (`dihedral_average`), the symmetries the training augmentation samples from.
+
+Prediction runs in one process, over the mesh of its local devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TextIO
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from bmcc import checkpointing, config_validation, evaluate, train
+from bmcc.data import classes, pipeline
+
+# File name endings picked up when walking a folder (case-insensitive). Files named explicitly are
+# always tried, whatever their name.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# The geometry of the training images (Matek et al.: 250 x 250 px single-cell crops) and how far an
+# image may stray from it before its prediction carries a warning.
+NATIVE_SIZE = 250
+MIN_SCALE, MAX_SCALE = 0.5, 2.0
+MAX_ASPECT = 1.1
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding and reading images.
+
+
+def collect_images(paths: Sequence[str | os.PathLike]) -> list[str]:
+  """The image files named by `paths`, in order.
+
+  A file is taken as given, whatever its name. A folder is walked recursively in sorted order
+  (files of a folder before its subfolders), picking files whose names end in one of
+  `IMAGE_EXTENSIONS` (any case); hidden files and folders (names starting with '.', such as macOS
+  `._x.jpg` resource forks) are skipped. A path that does not exist is kept as it is, so that
+  reading it fails and reports it in its place.
+  """
+  found = []
+  for path in paths:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+      found.append(path)
+      continue
+    for root, dirs, files in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      found.extend(os.path.join(root, name) for name in sorted(files)
+                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+  return found
+
+
+def _check_pixels(width: int, height: int) -> None:
+  """Raises DecompressionBombError above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, read now).
+
+  PIL itself only warns between 1x and 2x the limit; here both count as a refusal.
+  """
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and width * height > limit:
+    raise Image.DecompressionBombError(
+        f"image size ({width}x{height} = {width * height} pixels) exceeds the limit of {limit} "
+        "pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB: 16-bit and float scaled to 8 bits, transparency composited on white."""
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode.startswith("I") or mode == "F":  # I;16, I;16B, I (32-bit int), F (32-bit float)
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if mode == "F" and top <= 1.0:
+      values = values * 255.0
+    elif mode.startswith("I;16") or top > 255.0:
+      values = values / 257.0  # 65535 -> 255
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """(uint8 [size, size, 3], original (width, height)) of the image file at `path`.
+
+  The same steps as training's `pipeline.decode_image` (JPEG DCT scaling to the smallest scale
+  not below `size`, RGB, bilinear resize), for any mode and size. Raises on any problem:
+  OSError (missing, unreadable, truncated), UnidentifiedImageError (not an image),
+  DecompressionBombError (more pixels than `Image.MAX_IMAGE_PIXELS`), ...
+  """
+  with Image.open(path) as image:
+    width, height = image.size
+    _check_pixels(width, height)
+    image.draft("RGB", (size, size))
+    image.load()
+    rgb = _to_rgb(image)
+    if rgb.size != (size, size):
+      rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(rgb, dtype=np.uint8), (width, height)
+
+
+def geometry_warning(width: int, height: int) -> str | None:
+  """Why an image of this size is far from the training images, or None if it is not."""
+  low, high = NATIVE_SIZE * MIN_SCALE, NATIVE_SIZE * MAX_SCALE
+  problems = []
+  if not (low <= width <= high and low <= height <= high):
+    problems.append(f"a side outside {low:g}..{high:g} px")
+  if max(width, height) > MAX_ASPECT * min(width, height):
+    problems.append(f"not square within {MAX_ASPECT - 1:.0%}")
+  if not problems:
+    return None
+  return (f"image is {width}x{height} px ({' and '.join(problems)}); the model was trained on "
+          f"{NATIVE_SIZE}x{NATIVE_SIZE} px single-cell crops, so this prediction may be unreliable")
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
+def error_reason(error: BaseException) -> str:
+  """A one-line reason for a file that could not be read."""
+  if isinstance(error, Image.DecompressionBombError | Image.DecompressionBombWarning):
+    return _one_line(f"refused as a possible decompression bomb: {error}")
+  if isinstance(error, UnidentifiedImageError):
+    return "not an image (PIL cannot identify the file format)"
+  if isinstance(error, OSError) and error.strerror:
+    return _one_line(error.strerror)  # No such file or directory, Permission denied, ...
+  return _one_line(f"cannot decode: {error or type(error).__name__} ({type(error).__name__})")
+
+
+@dataclasses.dataclass
+class _Item:
+  """One input file after decoding: either `image` and `size` or `error`."""
+
+  path: str
+  image: np.ndarray | None = None
+  size: tuple[int, int] | None = None
+  error: str | None = None
+
+
+def _load(path: str, size: int) -> _Item:
+  try:
+    image, original = read_image(path, size)
+  except Exception as e:  # One bad file must never stop the others.
+    return _Item(path, error=error_reason(e))
+  return _Item(path, image=image, size=original)
+
+
+def _decode_in_order(paths: Sequence[str], size: int, num_threads: int,
+                     window: int) -> Iterator[_Item]:
+  """Decoded items in input order; up to `window` files are read ahead by the thread pool."""
+  with concurrent.futures.ThreadPoolExecutor(num_threads, "bmcc-decode") as pool:
+    remaining = iter(paths)
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    for path in remaining:
+      pending.append(pool.submit(_load, path, size))
+      if len(pending) >= window:
+        break
+    while pending:
+      item = pending.popleft().result()
+      path = next(remaining, None)
+      if path is not None:
+        pending.append(pool.submit(_load, path, size))
+      yield item
+
+
+# ------------------------------------------------------------------------------------------------
+# The model.
+
+
+def load_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
+  """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
+
+  The same result as `evaluate_checkpoint.restore_model`, but the model is built abstractly
+  (`nnx.eval_shape`) and its arrays come straight from the checkpoint: running the random
+  initialisers only to overwrite them costs ~30 s of XLA compilation per process on a CPU
+  (`truncated_normal`), which would dominate every `--mode=predict` call. (restore_model could
+  adopt this; predict would then call it.)
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise config_validation.ConfigError(
+        f"No checkpoints in {directory!r}: train first with --mode=train --workdir={workdir}.")
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    step = ckpt.best_step() if checkpoint == "best" else None
+    if step is None:
+      step = ckpt.latest_step()
+    if step is None:
+      raise config_validation.ConfigError(f"No complete checkpoint in {directory!r}.")
+    meta = ckpt.metadata(step)
+    config = ml_collections.ConfigDict({
+        "model": meta["model"], "model_config": meta["model_config"], "seed": 0})
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: train.create_model(config, len(meta["classes"]))))
+    target = {"model": nnx.to_pure_dict(state)}
+    restored = ckpt.manager.restore(
+        step, args=checkpointing.ocp.args.Composite(
+            state=checkpointing.ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(state, restored["model"])
+  return nnx.merge(graphdef, state), meta, step
+
+
+@nnx.jit
+def dihedral_average(model: nnx.Module, images: jax.Array) -> jax.Array:
+  """Softmax probabilities [N, C] of square uint8 images, averaged over their 8 symmetries.
+
+  The 8 views are the rotations by 0, 90, 180 and 270 degrees, each with and without a
+  left-right flip (the dihedral group of the square, which the training augmentation samples).
+  The probabilities, not the logits, are averaged. Works on sharded batches like `eval_step`.
+  """
+  model.eval()
+  x = pipeline.normalize_images(images, jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  for k in range(4):
+    rotated = jnp.rot90(x, k, axes=(1, 2))
+    for view in (rotated, rotated[:, :, ::-1]):
+      total = total + jax.nn.softmax(model(view), axis=-1)
+  return total / 8.0
+
+
+class _Writer:
+  """Writes the results of the items, in order, to stdout, stderr and the optional CSV."""
+
+  CSV_FIELDS = ("path", "code", "name", "probability", "top_k_codes", "top_k_probabilities",
+                "warning", "error")
+
+  def __init__(self, codes: Sequence[str], top_k: int, stdout: TextIO, csv_file: TextIO | None):
+    self.codes = list(codes)
+    self.names = [classes.NAMES[c] for c in self.codes]
+    self.top_k = top_k
+    self.stdout = stdout
+    self.csv = None
+    if csv_file is not None:
+      self.csv = csv.DictWriter(csv_file, self.CSV_FIELDS, lineterminator="\n")
+      self.csv.writeheader()
+    self.num_predicted = 0
+
+  def error(self, item: _Item) -> None:
+    if self.csv is not None:
+      self.csv.writerow({"path": item.path, "error": item.error})
+
+  def prediction(self, item: _Item, probs: np.ndarray) -> None:
+    order = np.argsort(-probs, kind="stable")[:self.top_k]
+    top = [{"code": self.codes[i], "name": self.names[i], "probability": round(float(probs[i]), 6)}
+           for i in order]
+    record = {"path": item.path, **top[0], "top_k": top}
+    warning = geometry_warning(*item.size)
+    if warning:
+      record["warning"] = warning
+    self.stdout.write(json.dumps(record) + "\n")
+    self.num_predicted += 1
+    if self.csv is not None:
+      self.csv.writerow({
+          "path": item.path, "code": top[0]["code"], "name": top[0]["name"],
+          "probability": top[0]["probability"],
+          "top_k_codes": " ".join(t["code"] for t in top),
+          "top_k_probabilities": " ".join(f"{t['probability']:.6f}" for t in top),
+          "warning": warning or "",
+      })
+
+
+def _run_batches(items: Iterator[_Item], *, predict_fn: Callable[[np.ndarray], jax.Array],
+                 batch_size: int, image_size: int, writer: _Writer, stderr: TextIO) -> int:
+  """Feeds the decoded items through the model; returns the number of failed files.
+
+  Errors are reported as soon as they are met; predictions are written in input order (errors
+  keep their place in the CSV). Batch i+1 is dispatched before batch i's results are fetched, so
+  the device works while the host decodes and writes.
+  """
+  failures = 0
+  entries: list[_Item] = []
+  images: list[np.ndarray] = []
+  in_flight: tuple[list[_Item], jax.Array | None] | None = None
+
+  def dispatch() -> jax.Array | None:
+    if not images:
+      return None
+    batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+    batch[:len(images)] = np.stack(images)
+    return predict_fn(batch)
+
+  def finish(done: tuple[list[_Item], jax.Array | None]) -> None:
+    done_entries, probs = done
+    probs = None if probs is None else np.asarray(probs)
+    row = 0
+    for entry in done_entries:
+      if entry.error is None:
+        writer.prediction(entry, probs[row])
+        row += 1
+      else:
+        writer.error(entry)
+    writer.stdout.flush()
+
+  for item in items:
+    entries.append(item)
+    if item.error is not None:
+      failures += 1
+      print(f"error: {item.path}: {item.error}", file=stderr, flush=True)
+      continue
+    images.append(item.image)
+    if len(images) == batch_size:
+      current = (entries, dispatch())
+      if in_flight is not None:
+        finish(in_flight)
+      in_flight, entries, images = current, [], []
+  current = (entries, dispatch())
+  if in_flight is not None:
+    finish(in_flight)
+  finish(current)
+  return failures
+
+
+def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoint: str = "best",
+                  batch_size: int = 64, top_k: int = 3, tta: bool = False,
+                  output_csv: str | None = None, stdout: TextIO | None = None,
+                  stderr: TextIO | None = None, num_threads: int | None = None) -> int:
+  """Predicts every image named by `paths` with a checkpoint of `workdir`; returns the exit status.
+
+  Args:
+    workdir: the training run's folder (its `checkpoints/` are read).
+    paths: image files and folders (see `collect_images`).
+    checkpoint: 'best' (by validation balanced accuracy) or 'latest'.
+    batch_size: images per batch over all local devices (rounded up to a multiple of their count;
+      never more than the number of files, rounded up likewise). Every batch is padded to it.
+    top_k: how many classes `top_k` lists, most probable first (at most the number of classes).
+    tta: average the probabilities over the 8 rotations and flips of each image.
+    output_csv: also write one CSV row per file here (errors included, in their own column).
+    stdout, stderr: where the JSON lines and the error lines go (default: sys.stdout/stderr).
+    num_threads: decoding threads (default: the CPU count).
+
+  Returns:
+    0 if every file was predicted, 1 if any failed or no image was found.
+
+  Raises:
+    ConfigError: no checkpoint in `workdir`, a bad argument, or an unwritable `output_csv`.
+  """
+  stdout = sys.stdout if stdout is None else stdout
+  stderr = sys.stderr if stderr is None else stderr
+  if checkpoint not in ("best", "latest"):
+    raise config_validation.ConfigError(f"checkpoint={checkpoint!r}: use best or latest.")
+  if top_k < 1:
+    raise config_validation.ConfigError(f"top_k={top_k} must be at least 1.")
+  if batch_size < 1:
+    raise config_validation.ConfigError(f"batch_size={batch_size} must be at least 1.")
+
+  files, failures = [], 0
+  for path in paths:
+    found = collect_images([path])
+    if not found:
+      failures += 1
+      print(f"error: {os.fspath(path)}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this "
+            "folder", file=stderr, flush=True)
+    files.extend(found)
+  if not files:
+    print("error: no image files found in the given paths" if paths else
+          "error: no image files or folders given", file=stderr, flush=True)
+    return 1
+
+  model, meta, step = load_model(workdir, checkpoint)
+  image_size = int(meta["image_size"])
+  codes = list(meta["classes"])
+  mesh = train.create_mesh(jax.local_devices())
+  batch = min(batch_size, len(files))
+  batch = -(-batch // mesh.size) * mesh.size
+  nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+  data_sharding = NamedSharding(mesh, P("data"))
+  step_fn = dihedral_average if tta else evaluate.eval_step
+
+  def predict_fn(images: np.ndarray) -> jax.Array:
+    return step_fn(model, jax.device_put(images, data_sharding))
+
+  try:
+    csv_file = None if output_csv is None else open(output_csv, "w", newline="")
+  except OSError as e:
+    raise config_validation.ConfigError(
+        f"Cannot write --output_csv {output_csv!r}: {e.strerror or e}.") from None
+  logging.info("Predicting %d file(s) with the %s checkpoint (step %d) of %s: %s at %d px, "
+               "batches of %d on %d device(s)%s.", len(files), checkpoint, step, workdir,
+               meta["model"], image_size, batch, mesh.size, ", with TTA" if tta else "")
+  start = time.time()
+  writer = _Writer(codes, min(top_k, len(codes)), stdout, csv_file)
+  threads = num_threads or os.cpu_count() or 1
+  truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+  try:
+    # Global PIL/warnings state, set for the duration of the run (the decoding threads see it):
+    # truncated files must fail (some libraries switch this on), and PIL's decompression-bomb
+    # *warning* (between 1x and 2x the pixel limit) counts as a failure like its error.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings(), jax.set_mesh(mesh):
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      items = _decode_in_order(files, image_size, threads, window=2 * batch + threads)
+      failures += _run_batches(items, predict_fn=predict_fn, batch_size=batch,
+                               image_size=image_size, writer=writer, stderr=stderr)
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
+    if csv_file is not None:
+      csv_file.close()
+  seconds = time.time() - start
+  logging.info("Predicted %d image(s), %d failed, in %.1f s (%.1f images/s).",
+               writer.num_predicted, failures, seconds, writer.num_predicted / max(seconds, 1e-9))
+  return 1 if failures else 0

@@ -1,0 +1,47 @@
+"""Shared test helpers: run main.py in a subprocess, read a run's final parameters."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bmcc import checkpointing, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(devices: int = 1) -> dict[str, str]:
+  """The environment for a main.py subprocess with `devices` CPU devices."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def main_command(config: str, workdir: str, *overrides: str) -> list[str]:
+  return [sys.executable, os.path.join(REPO, "main.py"), "--config",
+          os.path.join(REPO, "configs", config), "--workdir", workdir, *overrides]
+
+
+def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, timeout: int = 600
+             ) -> subprocess.CompletedProcess:
+  return subprocess.run(main_command(config, workdir, *overrides), cwd=REPO, env=cli_env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def final_state(workdir: str, config) -> tuple[int, dict]:
+  """(step, numpy pytree of model and optimizer state) of the latest checkpoint in `workdir`."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  step = ckpt.latest_step()
+  model = train.create_model(config, 21)
+  optimizer = nnx.Optimizer(model, train.create_optimizer(
+      config, train.create_learning_rate_fn(config)), wrt=nnx.Param)
+  target = {"model": nnx.to_pure_dict(nnx.state(model)),
+            "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  restored = ckpt.restore(step, target)
+  ckpt.close()
+  return step, jax.tree.map(np.asarray, restored)

@@ -1,0 +1,159 @@
+"""What happens when: SIGTERM, kill -9 at random moments, a diverging loss, a bad config."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bmcc import checkpointing, train
+from configs import tiny
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A prepared tiny synthetic dataset shared by the tests here."""
+  path = str(tmp_path_factory.mktemp("bmcc-cache"))
+  config = tiny.get_config()
+  config.data.cache_dir = path
+  from bmcc.data import loading  # noqa: PLC0415
+  loading.load_builder(config.data)
+  return path
+
+
+def _wait_for(path_fn, timeout: float, proc: subprocess.Popen) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if path_fn():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended early: {proc.returncode}")
+    time.sleep(0.1)
+  raise AssertionError("timed out")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, cache_dir):
+  workdir = str(tmp_path / "w")
+  overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
+               "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+               "--config.log_every_steps=1"]
+  proc = subprocess.Popen(helpers.main_command("tiny.py", workdir, *overrides), cwd=helpers.REPO,
+                          env=helpers.cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    # Training has started once the first scalars are written; then let it run a little.
+    _wait_for(lambda: any(n.startswith("events") for n in os.listdir(workdir))
+              if os.path.isdir(workdir) else False, 240, proc)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 3, stderr[-2000:]
+  assert "Stopped by SIGTERM at step" in stderr
+  reached = int(stderr.split("Stopped by SIGTERM at step ")[1].split()[0])
+  assert reached > 0 and reached % 1000 != 0
+  assert _checkpoint_steps(workdir) == [reached]  # saved exactly where it stopped
+
+  result = helpers.run_main("tiny.py", workdir, *overrides[:1],
+                            f"--config.num_train_steps={reached + 2}", "--config.warmup_steps=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"Resumed from the checkpoint at step {reached}" in result.stderr
+  assert os.path.exists(os.path.join(workdir, "eval_test.json"))
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, cache_dir):
+  """SIGKILL at random moments (async checkpoint writes included); the finished run matches."""
+  overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=40",
+               "--config.checkpoint_every_steps=1", "--config.eval_every_steps=20"]
+  reference = str(tmp_path / "reference")
+  result = helpers.run_main("tiny.py", reference, *overrides)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+  workdir = str(tmp_path / "killed")
+  rng = random.Random(1234)
+  kills = 0
+  for _ in range(3):
+    proc = subprocess.Popen(helpers.main_command("tiny.py", workdir, *overrides),
+                            cwd=helpers.REPO, env=helpers.cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      before = _checkpoint_steps(workdir)
+      # Wait until this run has written a checkpoint of its own, then kill it a random moment
+      # later (checkpoints are written every step, so most kills land during a write).
+      _wait_for(lambda b=before: _checkpoint_steps(workdir) not in ([], b), 240, proc)
+      time.sleep(rng.uniform(0.0, 1.5))
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        kills += 1
+      proc.wait(timeout=60)
+    except AssertionError:
+      if proc.poll() != 0:  # ended early: only fine if it finished the run
+        raise
+    finally:
+      proc.kill()
+  assert kills >= 2
+  result = helpers.run_main("tiny.py", workdir, *overrides)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+  config = tiny.get_config()
+  step_ref, state_ref = helpers.final_state(reference, config)
+  step, state = helpers.final_state(workdir, config)
+  assert step == step_ref == 40
+  jax.tree.map(np.testing.assert_array_equal, state_ref, state)
+  with open(os.path.join(reference, "eval_test.json")) as f1, \
+       open(os.path.join(workdir, "eval_test.json")) as f2:
+    assert json.load(f1) == json.load(f2)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(
+    tmp_path, cache_dir, monkeypatch):
+  config = tiny.get_config()
+  config.data.cache_dir = cache_dir
+  config.num_train_steps = 20
+  config.log_every_steps = 10  # the bad step (13) falls between logs and checkpoints
+  original = train.train_step
+  calls = {"n": 0}
+
+  def poisoned_step(*args, **kwargs):
+    out = original(*args, **kwargs)
+    calls["n"] += 1
+    if calls["n"] >= 13:
+      out = dict(out, loss=out["loss"] * np.nan)
+    return out
+
+  monkeypatch.setattr(train, "train_step", poisoned_step)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match="step 13"):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert ckpt.all_steps() and max(ckpt.all_steps()) == 12  # nothing saved after step 12
+  assert ckpt.best_step() == 8  # the validated checkpoint is intact
+  ckpt.close()
+  _, state = helpers.final_state(workdir, config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_bad_config_fails_before_any_data_or_compile_work(tmp_path):
+  start = time.time()
+  result = helpers.run_main("tiny.py", str(tmp_path / "w"), "--config.batch_size=10",
+                            f"--config.data.cache_dir={tmp_path / 'never'}", devices=4)
+  assert result.returncode == 2
+  assert "batch_size=10 must be a positive multiple of the device count (4)" in result.stderr
+  assert not os.path.exists(tmp_path / "never")  # no data work was done
+  assert time.time() - start < 120
