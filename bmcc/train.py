@@ -1,8 +1,7 @@
-"""Training: state creation, the jit-compiled data-parallel train step, and the training loop.
+"""The training loop: data, state, resume, periodic evaluation, checkpoints, metrics, final test.
 
-One code path for one CPU, several GPUs and several hosts: a `jax.sharding.Mesh` over all devices
-with one axis `data`; each batch is sharded over it, parameters and optimizer state are replicated,
-and XLA inserts the gradient all-reduce (batch-norm statistics are computed over the global batch).
+The step itself and the mesh, model, optimizer and schedule it needs live in `bmcc.steps` (free of
+TensorFlow and clu, for benchmarks); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,90 +14,21 @@ import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bmcc import checkpointing, config_validation, evaluate, metrics, models
+from bmcc import checkpointing, config_validation, evaluate, metrics
 from bmcc.data import loading, pipeline, splits
-
-
-def create_mesh(devices: list | None = None) -> Mesh:
-  """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `learning_rate`, then cosine, linear or constant decay.
-
-  The decay runs from the end of warm-up to `num_train_steps`, ending at
-  `learning_rate * end_learning_rate_factor`.
-  """
-  peak = config.learning_rate
-  end = peak * config.end_learning_rate_factor
-  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
-  decay_steps = max(1, config.num_train_steps - config.warmup_steps)
-  if config.lr_schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_factor)
-  elif config.lr_schedule == "linear":
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  elif config.lr_schedule == "constant":
-    decay = optax.constant_schedule(peak)
-  else:
-    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}.")
-  return optax.join_schedules([warmup, decay], [config.warmup_steps])
-
-
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on kernels only: not on biases or normalisation scales (1-D parameters)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """Adam or AdamW on the schedule, after global-norm gradient clipping."""
-  if config.optimizer == "adam":
-    tx = optax.adam(learning_rate_fn)
-  elif config.optimizer == "adamw":
-    tx = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
-  else:
-    raise ValueError(f"Unknown optimizer {config.optimizer!r}.")
-  if config.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-  return models.create_model(config.model, num_classes=num_classes,
-                             rngs=nnx.Rngs(params=config.seed), **config.model_config.to_dict())
-
-
-@nnx.jit(donate_argnums=(0, 1), static_argnames=("label_smoothing",))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
-               labels: jax.Array, dropout_key: jax.Array, label_smoothing: float = 0.0
-               ) -> dict[str, jax.Array]:
-  """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy."""
-  model.train()
-
-  def loss_fn(model):
-    logits = model(pipeline.normalize_images(images, jnp.float32),
-                   rngs=nnx.Rngs(dropout=dropout_key))
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-      targets = optax.smooth_labels(targets, label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, logits
-
-  (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  optimizer.update(model, grads)
-  accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+from bmcc.steps import (  # noqa: F401  (re-exported: the public training API lives here too)
+  create_learning_rate_fn,
+  create_mesh,
+  create_model,
+  create_optimizer,
+  train_step,
+)
 
 
 def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
