@@ -20,8 +20,10 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
                   "and folders given as arguments, or prepare the dataset.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint for --mode=evaluate.")
-flags.DEFINE_bool("tta", False, "--mode=predict: average over the 8 rotations/flips of each image.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                  "Checkpoint for --mode=evaluate and --mode=predict.")
+flags.DEFINE_bool("tta", False,
+                  "--mode=predict/evaluate: average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
 flags.mark_flags_as_required(["config"])
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
     elif FLAGS.mode == "evaluate":
       from bmcc import evaluate_checkpoint
       evaluate_checkpoint.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
-                                           checkpoint=FLAGS.checkpoint)
+                                           checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
     elif FLAGS.mode == "predict":
       if len(argv) < 2:
         raise app.UsageError("--mode=predict needs image files or folders as arguments.")

@@ -379,3 +379,26 @@ def summary_scalars(report: dict[str, Any]) -> dict[str, float]:
   scalars["ece"] = float(report["expected_calibration_error"])
   scalars["nll"] = float(report["negative_log_likelihood"])
   return scalars
+
+
+def sample_grid(images: np.ndarray, labels: Sequence[int], predictions: Sequence[int],
+                class_codes: Sequence[str], *, columns: int = 4, scale: int = 2) -> np.ndarray:
+  """A grid of uint8 images [N, H, W, 3], each captioned 'true -> predicted' (red if wrong).
+
+  For TensorBoard: returns one RGB uint8 array [H', W', 3].
+  """
+  from PIL import Image, ImageDraw  # noqa: PLC0415
+
+  n, h, w = len(images), images.shape[1] * scale, images.shape[2] * scale
+  rows = -(-n // columns)
+  caption = 14
+  grid = Image.new("RGB", (columns * w, rows * (h + caption)), "white")
+  draw = ImageDraw.Draw(grid)
+  for i in range(n):
+    x, y = (i % columns) * w, (i // columns) * (h + caption)
+    tile = Image.fromarray(np.asarray(images[i], np.uint8)).resize((w, h), Image.Resampling.NEAREST)
+    grid.paste(tile, (x, y + caption))
+    true, pred = class_codes[int(labels[i])], class_codes[int(predictions[i])]
+    colour = (0, 110, 0) if true == pred else (200, 0, 0)
+    draw.text((x + 2, y + 1), f"{true} -> {pred}", fill=colour)
+  return np.asarray(grid)

@@ -42,16 +42,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from bmcc import checkpointing, config_validation, evaluate, train
-from bmcc.data import classes, pipeline
+from bmcc import config_validation, evaluate, evaluate_checkpoint, steps
+from bmcc.data import classes
 
 # File name endings picked up when walking a folder (case-insensitive). Files named explicitly are
 # always tried, whatever their name.
@@ -210,57 +208,9 @@ def _decode_in_order(paths: Sequence[str], size: int, num_threads: int,
 # The model.
 
 
-def load_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
-  """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
-
-  The same result as `evaluate_checkpoint.restore_model`, but the model is built abstractly
-  (`nnx.eval_shape`) and its arrays come straight from the checkpoint: running the random
-  initialisers only to overwrite them costs ~30 s of XLA compilation per process on a CPU
-  (`truncated_normal`), which would dominate every `--mode=predict` call. (restore_model could
-  adopt this; predict would then call it.)
-  """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise config_validation.ConfigError(
-        f"No checkpoints in {directory!r}: train first with --mode=train --workdir={workdir}.")
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    step = ckpt.best_step() if checkpoint == "best" else None
-    if step is None:
-      step = ckpt.latest_step()
-    if step is None:
-      raise config_validation.ConfigError(f"No complete checkpoint in {directory!r}.")
-    meta = ckpt.metadata(step)
-    config = ml_collections.ConfigDict({
-        "model": meta["model"], "model_config": meta["model_config"], "seed": 0})
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: train.create_model(config, len(meta["classes"]))))
-    target = {"model": nnx.to_pure_dict(state)}
-    restored = ckpt.manager.restore(
-        step, args=checkpointing.ocp.args.Composite(
-            state=checkpointing.ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
-  finally:
-    ckpt.close()
-  nnx.replace_by_pure_dict(state, restored["model"])
-  return nnx.merge(graphdef, state), meta, step
-
-
-@nnx.jit
-def dihedral_average(model: nnx.Module, images: jax.Array) -> jax.Array:
-  """Softmax probabilities [N, C] of square uint8 images, averaged over their 8 symmetries.
-
-  The 8 views are the rotations by 0, 90, 180 and 270 degrees, each with and without a
-  left-right flip (the dihedral group of the square, which the training augmentation samples).
-  The probabilities, not the logits, are averaged. Works on sharded batches like `eval_step`.
-  """
-  model.eval()
-  x = pipeline.normalize_images(images, jnp.float32)
-  total = jnp.zeros((), jnp.float32)
-  for k in range(4):
-    rotated = jnp.rot90(x, k, axes=(1, 2))
-    for view in (rotated, rotated[:, :, ::-1]):
-      total = total + jax.nn.softmax(model(view), axis=-1)
-  return total / 8.0
+# Kept under these names for callers of this module.
+load_model = evaluate_checkpoint.restore_model
+dihedral_average = evaluate.dihedral_average
 
 
 class _Writer:
@@ -404,7 +354,7 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
   model, meta, step = load_model(workdir, checkpoint)
   image_size = int(meta["image_size"])
   codes = list(meta["classes"])
-  mesh = train.create_mesh(jax.local_devices())
+  mesh = steps.create_mesh(jax.local_devices())
   batch = min(batch_size, len(files))
   batch = -(-batch // mesh.size) * mesh.size
   nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))

@@ -85,6 +85,24 @@ def _write_eval(writer, step: int, split: str, report: dict, workdir: str) -> No
     metrics.write_report(report, workdir, split)
 
 
+def _write_samples(writer, step: int, model, source, mapping, config, mesh, selection) -> None:
+  """A captioned grid of the first 16 validation images, true -> predicted, in TensorBoard."""
+  batch_size = max(jax.device_count(), 16 // jax.device_count() * jax.device_count())
+  batch = next(pipeline.eval_batches(
+      source, mapping=mapping, image_size=config.image_size,
+      batch_size=batch_size // jax.process_count(), process_index=jax.process_index(),
+      process_count=jax.process_count(), selection=selection), None)
+  if batch is None:
+    return
+  labels, probs, _ = evaluate.predict_batches(model, [batch], mesh)
+  # Process 0's examples come first in the gathered arrays.
+  n = int(min(16, batch["mask"].sum()))
+  if jax.process_index() == 0 and n:
+    grid = metrics.sample_grid(batch["image"][:n], labels[:n], probs[:n].argmax(-1),
+                               mapping.codes)
+    writer.write_images(step, {"val/samples": grid[None]})
+
+
 class TrainingInterrupted(Exception):
   """SIGTERM or SIGINT stopped training after a checkpoint at the step reached."""
 
@@ -223,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                 batch_size=config.eval_batch_size, mesh=mesh,
                 selection=selections["validation"])
           _write_eval(writer, step, "validation", report, workdir)
+          _write_samples(writer, step, model, validation_source, mapping, config, mesh,
+                         selections["validation"])
           eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
         if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
             or step == last_step or stop_request.signal is not None):

@@ -96,3 +96,23 @@ def test_missing_dataset_is_a_clear_error_and_nonzero_exit(tmp_path):
   assert result.returncode == 2
   assert "manual dir" in result.stderr and "nothing" in result.stderr
   assert "Kaggle" in result.stderr
+
+
+def test_evaluate_mode_with_tta_writes_the_report_and_samples_reach_tensorboard(tmp_path,
+                                                                               cache_dir):
+  from bmcc import evaluate_checkpoint  # noqa: PLC0415
+  config = _tiny_config(cache_dir)
+  config.num_train_steps = 8
+  config.warmup_steps = 2
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, "eval_validation.json"))
+  report = evaluate_checkpoint.evaluate_workdir(config, workdir, split="validation", tta=True)
+  with open(os.path.join(workdir, "eval_validation.json")) as f:
+    saved = json.load(f)
+  assert saved == report and saved["test_time_augmentation"] is True
+  assert saved["checkpoint_step"] == 8
+  assert os.path.exists(os.path.join(workdir, "eval_validation_confusion.png"))
+  assert os.path.exists(os.path.join(workdir, "eval_validation_per_class.md"))
+  tags = _tensorboard_tags(workdir)
+  assert {"val/samples", "val/confusion_matrix", "test/confusion_matrix"} <= tags, tags
