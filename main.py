@@ -29,6 +29,30 @@ flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predicti
 flags.mark_flags_as_required(["config"])
 
 
+def _initialize_distributed() -> None:
+  """Joins a multi-process run when the environment describes one; a single process otherwise.
+
+  Explicit: BMCC_COORDINATOR_ADDRESS (host:port of process 0), BMCC_NUM_PROCESSES and
+  BMCC_PROCESS_ID. Otherwise jax's own detection (SLURM with more than one task, among others).
+  """
+  import os
+
+  import jax
+
+  if os.environ.get("BMCC_COORDINATOR_ADDRESS"):
+    if os.environ.get("BMCC_CPU_COLLECTIVES"):  # e.g. 'gloo' for several CPU processes
+      jax.config.update("jax_cpu_collectives_implementation", os.environ["BMCC_CPU_COLLECTIVES"])
+    jax.distributed.initialize(
+        coordinator_address=os.environ["BMCC_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["BMCC_NUM_PROCESSES"]),
+        process_id=int(os.environ["BMCC_PROCESS_ID"]))
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def main(argv: list[str]) -> int:
   # Imported here so that --help and flag errors come back fast.
 
@@ -37,6 +61,8 @@ def main(argv: list[str]) -> int:
   from bmcc.train import TrainingInterrupted
 
   config = FLAGS.config
+  if FLAGS.mode in ("train", "evaluate"):
+    _initialize_distributed()
   try:
     if FLAGS.mode == "prepare":
       from bmcc.data import loading

@@ -157,3 +157,31 @@ def test_bad_config_fails_before_any_data_or_compile_work(tmp_path):
   assert "batch_size=10 must be a positive multiple of the device count (4)" in result.stderr
   assert not os.path.exists(tmp_path / "never")  # no data work was done
   assert time.time() - start < 120
+
+
+@pytest.mark.slow
+def test_two_processes_over_localhost_train_together(tmp_path, cache_dir):
+  """Multi-host on one machine: 2 CPU processes (gloo collectives) over 127.0.0.1."""
+  import socket  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "w")
+  procs = []
+  for index in range(2):
+    env = dict(helpers.cli_env(), BMCC_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               BMCC_NUM_PROCESSES="2", BMCC_PROCESS_ID=str(index), BMCC_CPU_COLLECTIVES="gloo")
+    procs.append(subprocess.Popen(
+        helpers.main_command("tiny.py", workdir, f"--config.data.cache_dir={cache_dir}",
+                             "--config.num_train_steps=8", "--config.warmup_steps=2"),
+        cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+  assert "Process 0 of 2; 1 local and 2 global devices" in errs[0]
+  assert "Training on 2 device(s) (cpu), 2 process(es)" in errs[1]
+  # Only process 0 writes metrics and reports; both computed the same test summary.
+  assert len([n for n in os.listdir(workdir) if n.startswith("events.out")]) == 1
+  summaries = [e.split("Test summary: ")[1].splitlines()[0] for e in errs]
+  assert summaries[0] == summaries[1]
+  with open(os.path.join(workdir, "eval_test.json")) as f:
+    assert json.load(f)["num_examples"] > 0
