@@ -51,12 +51,17 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: dict, data_iterator: Any, metadata: dict,
-           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    """Starts an asynchronous save of `state` (a pure pytree), the iterator and the metadata."""
+           metrics: dict[str, float] | None = None, force: bool = False,
+           progress: dict | None = None) -> bool:
+    """Starts an asynchronous save of `state` (a pure pytree), the iterator and the metadata.
+
+    `progress` is small JSON run state that is not in the arrays (e.g. the plateau tracker).
+    """
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         metadata=ocp.args.JsonSave(metadata),
+        progress=ocp.args.JsonSave(progress or {}),
     )
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -67,6 +72,13 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def progress(self, step: int) -> dict:
+    """The `progress` saved at `step` ({} for a checkpoint without one)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "progress")):
+      return {}
+    restored = self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    return restored["progress"]
 
   def metadata(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))

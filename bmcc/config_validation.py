@@ -50,8 +50,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"config.{key}={config[key]} must be positive.")
   if config.stop_at_step is not None and config.stop_at_step <= 0:
     raise ConfigError(f"config.stop_at_step={config.stop_at_step} must be positive or None.")
-  if config.lr_schedule not in ("cosine", "linear", "constant"):
-    raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: use cosine, linear or constant.")
+  if config.lr_schedule not in ("cosine", "linear", "exponential", "constant"):
+    raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: use cosine, linear, "
+                      "exponential or constant.")
+  for key in ("plateau_patience", "early_stopping_patience"):
+    if config.get(key) is not None and config[key] < 1:
+      raise ConfigError(f"config.{key}={config[key]} must be at least 1, or None.")
+  if not 0 < config.get("plateau_factor", 0.5) < 1:
+    raise ConfigError(f"config.plateau_factor={config.plateau_factor} must be in (0, 1).")
   if config.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"config.optimizer={config.optimizer!r}: use adam or adamw.")
   if config.final_eval_checkpoint not in ("best", "latest"):

@@ -31,7 +31,7 @@ def create_mesh(devices: list | None = None) -> Mesh:
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `learning_rate`, then cosine, linear or constant decay.
+  """Linear warm-up from 0 to `learning_rate`, then cosine, linear, exponential or no decay.
 
   The decay runs from the end of warm-up to `num_train_steps`, ending at
   `learning_rate * end_learning_rate_factor`.
@@ -44,6 +44,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_factor)
   elif config.lr_schedule == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
+  elif config.lr_schedule == "exponential":
+    decay = optax.exponential_decay(peak, decay_steps, config.end_learning_rate_factor)
   elif config.lr_schedule == "constant":
     decay = optax.constant_schedule(peak)
   else:
@@ -67,7 +69,21 @@ def create_optimizer(config: ml_collections.ConfigDict,
     raise ValueError(f"Unknown optimizer {config.optimizer!r}.")
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
+  # A multiplier of the updates that reduce-on-plateau lowers (`set_lr_scale`); it lives in the
+  # optimizer state, so checkpoints carry it.
+  return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def get_lr_scale(optimizer: nnx.Optimizer) -> float:
+  """The reduce-on-plateau multiplier of the learning rate (1.0 until a plateau)."""
+  return float(optimizer.opt_state[-1].hyperparams["step_size"][...])
+
+
+def set_lr_scale(optimizer: nnx.Optimizer, scale: float) -> None:
+  """Sets the reduce-on-plateau multiplier, keeping the variable's sharding."""
+  variable = optimizer.opt_state[-1].hyperparams["step_size"]
+  current = variable[...]
+  variable[...] = jax.device_put(jnp.asarray(scale, current.dtype), current.sharding)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:

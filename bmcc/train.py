@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bmcc import checkpointing, config_validation, evaluate, metrics
+from bmcc import checkpointing, config_validation, evaluate, metrics, steps
+from bmcc import plateau as plateau_lib
 from bmcc.data import loading, pipeline, splits
 from bmcc.steps import (  # noqa: F401  (re-exported: the public training API lives here too)
   create_learning_rate_fn,
@@ -189,12 +190,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                                     keep=config.keep_checkpoints)
   metadata = run_metadata(config, mapping)
   start_step = 0
+  tracker = plateau_lib.Plateau(
+      patience=config.plateau_patience, factor=config.plateau_factor,
+      stop_patience=config.early_stopping_patience, min_delta=config.min_delta)
+  plateau_state = plateau_lib.PlateauState()
   latest = ckpt.latest_step()
   if latest is not None:
     config_validation.check_checkpoint_metadata(ckpt.metadata(latest), metadata, workdir)
     restored = ckpt.restore(latest, _pure_state(model, optimizer), train_iter)
     _load_pure_state(model, optimizer, restored)
     start_step = latest
+    if progress := ckpt.progress(latest).get("plateau"):
+      plateau_state = plateau_lib.PlateauState.from_json(progress)
     logging.info("Resumed from the checkpoint at step %d in %s.", latest, ckpt.directory)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -213,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if config.stop_at_step is not None:
     last_step = min(last_step, config.stop_at_step)
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, metrics) not yet logged
+  stopped_early = bool(latest is not None and ckpt.progress(latest).get("stopped_early"))
+  if stopped_early:
+    last_step = start_step
   step = start_step
   try:
     with jax.set_mesh(mesh), _StopRequest() as stop_request:
@@ -229,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         if step % config.log_every_steps == 0 or step == last_step:
           summary = _summarize(pending, ckpt.directory)
           pending = []
-          summary["learning_rate"] = float(learning_rate_fn(step - 1))
+          summary["learning_rate"] = float(learning_rate_fn(step - 1)) * plateau_state.lr_scale
           writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
 
         eval_metrics = None
@@ -244,11 +254,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           _write_samples(writer, step, model, validation_source, mapping, config, mesh,
                          selections["validation"])
           eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
+          previous_scale = plateau_state.lr_scale
+          plateau_state, early_stop = tracker.update(
+              plateau_state, report["balanced_accuracy"], step)
+          if plateau_state.lr_scale != previous_scale:
+            steps.set_lr_scale(optimizer, plateau_state.lr_scale)
+            logging.info("Validation balanced accuracy has not improved for %d evaluations: "
+                         "learning rate x%g from step %d.", config.plateau_patience,
+                         plateau_state.lr_scale, step + 1)
+          if early_stop:
+            logging.info("Early stopping at step %d: no improvement for %d evaluations (best "
+                         "%.4f at step %d).", step, plateau_state.since_best,
+                         plateau_state.best, plateau_state.best_step)
+            stopped_early = True
         if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
-            or step == last_step or stop_request.signal is not None):
+            or step == last_step or stop_request.signal is not None or stopped_early):
           _summarize(pending, ckpt.directory)  # a non-finite state never replaces a good one
           ckpt.save(step, _pure_state(model, optimizer), train_iter, metadata,
-                    metrics=eval_metrics, force=True)
+                    metrics=eval_metrics, force=True,
+                    progress={"plateau": plateau_state.to_json(), "stopped_early": stopped_early})
+        if stopped_early:
+          break
         writer.flush()
         if stop_request.signal is not None:
           raise TrainingInterrupted(
@@ -258,7 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     ckpt.wait_until_finished()
     writer.flush()
 
-  if last_step < config.num_train_steps:
+  if stopped_early:
+    last_step = step
+  if last_step < config.num_train_steps and not stopped_early:
     logging.info("Stopped at step %d of %d as configured (stop_at_step); rerun with the same "
                  "--workdir to continue.", last_step, config.num_train_steps)
     writer.close()

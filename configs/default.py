@@ -33,7 +33,18 @@ def get_config() -> ml_collections.ConfigDict:
   # validate on ~10% of the other folds, train on the rest; None: the prepared 80/10/10 splits.
   config.data.num_folds = placeholder(int)
   config.data.fold = placeholder(int)
-  config.data.augment = True  # random flips and 90-degree rotations while training
+  config.data.augment = True  # training augmentation as set below; False: the evaluation resize
+  config.data.crop_scale = (0.7, 1.0)  # random crop area, fraction of the image; (1.0, 1.0): none
+  config.data.crop_ratio = (3 / 4, 4 / 3)  # random crop aspect ratio range, width / height
+  config.data.color_jitter = 0.1  # brightness, contrast, saturation factors uniform in 1 +- this
+  config.data.hue_jitter = 0.02  # hue rotation uniform in +- this, turns (0.02 = 7.2 degrees)
+  config.data.blur_prob = 0.0  # probability of a Gaussian blur per training image
+  config.data.blur_sigma = (0.1, 1.0)  # Gaussian blur sigma range, pixels of the model input
+  # Class-balanced sampling: an example of class c (n_c training images) is drawn with weight
+  # n_c^-balance_alpha; 0.0: natural (shuffled epochs), 1.0: uniform over classes.
+  config.data.balance_alpha = 0.0
+  # Class-weighted loss: weight n_c^-loss_weight_alpha, mean 1 over training examples; 0.0: none.
+  config.data.loss_weight_alpha = 0.0
   config.data.num_workers = 2  # grain worker processes decoding images; 0: decode in-process
 
   config.image_size = 250  # pixels, square; the images are 250 x 250
@@ -52,11 +63,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = "adamw"  # 'adam' or 'adamw'
   config.learning_rate = 1e-3  # peak learning rate, reached at the end of warm-up
   config.warmup_steps = 1_000  # linear warm-up from 0 to the peak
-  config.lr_schedule = "cosine"  # decay after warm-up: 'cosine', 'linear' or 'constant'
+  # Decay after warm-up: 'cosine', 'linear', 'exponential' or 'constant'.
+  config.lr_schedule = "cosine"
   config.end_learning_rate_factor = 0.01  # final learning rate as a fraction of the peak
   config.weight_decay = 1e-4  # decoupled weight decay (adamw only), not on biases or norms
   config.grad_clip_norm = 1.0  # clip the global gradient norm to this; None: no clipping
   config.label_smoothing = 0.0  # label smoothing of the cross-entropy
+  # Reduce-on-plateau (what the old project's callback did) and early stopping, both on validation
+  # balanced accuracy, counted in evaluations (every eval_every_steps); None: off. Early stopping
+  # ends training; the final test evaluation then uses the best checkpoint.
+  config.plateau_patience = placeholder(int)
+  config.plateau_factor = 0.5  # learning-rate multiplier at each plateau
+  config.early_stopping_patience = placeholder(int)
+  config.min_delta = 0.0  # smallest change of the metric that counts as an improvement
 
   config.log_every_steps = 100  # training loss/accuracy to TensorBoard and the log
   config.eval_every_steps = 2_000  # validation evaluation (and a checkpoint with its metrics)

@@ -116,3 +116,27 @@ def test_evaluate_mode_with_tta_writes_the_report_and_samples_reach_tensorboard(
   assert os.path.exists(os.path.join(workdir, "eval_validation_per_class.md"))
   tags = _tensorboard_tags(workdir)
   assert {"val/samples", "val/confusion_matrix", "test/confusion_matrix"} <= tags, tags
+
+
+def test_plateau_and_early_stopping_in_a_run(tmp_path, cache_dir):
+  config = _tiny_config(cache_dir)
+  config.num_train_steps = 40
+  config.eval_every_steps = 4
+  config.learning_rate = 1e-9  # nothing improves after the first evaluation
+  config.plateau_patience = 1
+  config.early_stopping_patience = 2
+  config.min_delta = 0.5
+  workdir = str(tmp_path / "w")
+  report = train.train_and_evaluate(config, workdir)
+  # Evaluations at 4 (best for the tracker), 8 (x0.5), 12 (x0.25, stop); the test split is
+  # evaluated with the checkpoint that is best by validation balanced accuracy.
+  from bmcc import checkpointing  # noqa: PLC0415
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert ckpt.latest_step() == 12
+  assert report["checkpoint_step"] == ckpt.best_step()
+  progress = ckpt.progress(12)
+  ckpt.close()
+  assert progress["stopped_early"] is True
+  assert progress["plateau"]["lr_scale"] == 0.25 and progress["plateau"]["best_step"] == 4
+  # Rerunning does not train on: it re-evaluates the same best checkpoint.
+  assert train.train_and_evaluate(config, workdir) == report
