@@ -1,0 +1,285 @@
+"""Training-step throughput of a config on the devices present: images/s and fraction of peak.
+
+  python bench/train_step.py --config configs/tiny.py                      # CPU smoke run
+  python bench/train_step.py --config configs/resnet50.py --steps 20       # ResNet-50, bf16, 224 px
+  python bench/train_step.py --config configs/resnet50.py --input=pipeline --warmup 16 --steps 60
+
+`--input=synthetic` (default): one batch of random uint8 images and labels, generated once on the
+devices and sharded over the `data` mesh axis, is fed to every step, so only the step is timed. This
+mode imports jax, flax, optax, numpy, absl and ml_collections only (no TensorFlow, TFDS, grain or
+clu), so it runs on a GPU machine that has nothing else; the last lines check that.
+
+`--input=pipeline`: batches come from the real grain training pipeline (`bmcc.data.pipeline`,
+decoding and the config's augmentation in `config.data.num_workers` worker processes, class
+balancing as `config.data.balance_alpha` says) over a prepared synthetic
+dataset of 250 x 250 JPEGs in the real layout (written and prepared on first use, in
+`config.data.cache_dir`; the config's own `data.synthetic` if set, else `--synthetic_scale` of the
+real class sizes), and go to the devices as `bmcc.train` does (`--device_prefetch` > 0: through
+`pipeline.prefetch_to_device` instead). The ratio of the two modes' images/s says how far the input
+pipeline holds the step back. Grain and TFDS are imported only in this mode; the warm-up should
+outlast the pipeline's start, and the timed steps the batches it reads ahead.
+
+Both modes compile one program: `bmcc.steps.train_step` (the step training runs) inside `jax.jit`
+over the `nnx.split` state, ahead of time, and time that program, so no NNX Python overhead is
+counted. The FLOPs per image come from XLA's cost analysis of the compiled program (per device,
+divided by the per-device batch); the unoptimised HLO's count of the step and of the eval-mode
+forward pass is printed beside it. The fraction of peak uses a small table of dense peak TFLOP/s
+per device kind ('n/a' for devices not in it, the CPU included). The last line is
+`images_per_second=<float>`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # configs/ imports `configs.default`; bmcc need not be installed
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "tiny.py"),
+                                "Config whose model, image size, batch and optimizer are used.")
+flags.DEFINE_integer("steps", 20, "Timed training steps.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).")
+flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
+flags.DEFINE_enum("input", "synthetic", ["synthetic", "pipeline"],
+                  "synthetic: one device-resident random batch; pipeline: the grain training "
+                  "pipeline over a prepared synthetic JPEG dataset.")
+flags.DEFINE_float("synthetic_scale", 0.012,
+                   "--input=pipeline without config.data.synthetic: images per class of the "
+                   "synthetic dataset as a fraction of the real class sizes (at least 40 each).")
+flags.DEFINE_integer("device_prefetch", 0,
+                     "--input=pipeline: batches put on the devices ahead in a background thread "
+                     "(pipeline.prefetch_to_device); 0: in the loop, as bmcc.train does.")
+
+# Dense peak TFLOP/s per device by device kind (first match of a lower-case substring wins):
+# bfloat16 tensor cores, TF32 tensor cores (what XLA uses for float32 convolutions and matrix
+# products on these GPUs by default) and float32 without tensor cores.
+PEAK_TFLOPS = (
+    ("h100 pcie", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.0}),
+    ("h100", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # SXM
+    ("h200", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
+    ("a100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(dense peak TFLOP/s of one device for compute `dtype`, what it is), or (None, 'n/a')."""
+  kind = device_kind.lower()
+  for pattern, peaks in PEAK_TFLOPS:
+    if pattern in kind:
+      if dtype == "bfloat16":
+        return peaks["bfloat16"], "bf16 tensor cores, dense"
+      return peaks["tf32"], f"tf32 tensor cores, dense (float32 without them: {peaks['float32']})"
+  return None, "n/a"
+
+
+def _flops(cost) -> float | None:
+  """The 'flops' entry of an XLA cost analysis (a dict, or a list of one dict in older jax)."""
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  value = cost.get("flops")
+  return float(value) if value is not None and value > 0 else None
+
+
+def _num_classes(config) -> int:
+  from bmcc.data import classes
+
+  return len(config.data.classes) if config.data.classes else classes.NUM_CLASSES
+
+
+def _synthetic_batches(mesh, batch: int, size: int, num_classes: int, seed: int):
+  """An endless iterator over one random uint8 batch made on the devices, sharded on `data`."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  sharding = NamedSharding(mesh, P("data"))
+  key_images, key_labels = jax.random.split(jax.random.key(seed))
+  images = jax.jit(lambda k: jax.random.bits(k, (batch, size, size, 3), jnp.uint8),
+                   out_shardings=sharding)(key_images)
+  labels = jax.jit(lambda k: jax.random.randint(k, (batch,), 0, num_classes, jnp.int32),
+                   out_shardings=sharding)(key_labels)
+  while True:
+    yield images, labels
+
+
+def _pipeline_batches(config, mesh, batch: int, device_prefetch: int):
+  """Batches of the grain training pipeline over a prepared synthetic dataset, on the devices.
+
+  Imports TFDS and grain (here only). Returns (iterator of (images, labels), cleanup function).
+  """
+  import jax
+  import ml_collections
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from bmcc.data import augment, loading, pipeline, splits
+
+  if config.data.synthetic is None:
+    config.data.synthetic = ml_collections.ConfigDict(
+        {"scale": FLAGS.synthetic_scale, "minimum": 40, "seed": 0})
+  start = time.time()
+  builder = loading.load_builder(config.data)
+  print(f"dataset: {builder.data_dir} train={builder.info.splits['train'].num_examples} "
+        f"images (ready in {time.time() - start:.1f} s)", flush=True)
+  mapping = pipeline.ClassMapping.create(config.data.classes)
+  selection = splits.Selection("train", config.data.fold, config.data.num_folds)
+  ds = pipeline.train_dataset(
+      pipeline.role_source(builder, selection), mapping=mapping, image_size=config.image_size,
+      batch_size=batch // jax.process_count(), seed=config.seed,
+      augment=augment.AugmentConfig.from_config(config.data) or False,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers, selection=selection,
+      balance_alpha=config.data.get("balance_alpha", 0.0))
+  sharding = NamedSharding(mesh, P("data"))
+  iterator = iter(ds)
+  if device_prefetch > 0:
+    iterator = pipeline.prefetch_to_device(iterator, device_prefetch, sharding)
+
+  def batches():
+    for item in iterator:
+      if device_prefetch > 0:
+        yield item["image"], item["label"]
+      else:
+        yield (jax.make_array_from_process_local_data(sharding, item["image"]),
+               jax.make_array_from_process_local_data(sharding, item["label"]))
+
+  def cleanup():
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+  return batches(), cleanup
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  import jax
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from bmcc import steps
+  from bmcc.data.normalization import normalize_images
+
+  config = FLAGS.config
+  if FLAGS.batch_size is not None:
+    config.batch_size = FLAGS.batch_size
+  batch, size = config.batch_size, config.image_size
+  dtype = config.model_config.get("dtype", "float32")
+  devices = jax.devices()
+  if batch % len(devices):
+    raise app.UsageError(f"The batch {batch} is not a multiple of the {len(devices)} devices.")
+  per_device_batch = batch // len(devices)
+  kind = devices[0].device_kind
+  num_classes = _num_classes(config)
+  print(f"device={kind} x{len(devices)} ({devices[0].platform}) processes={jax.process_count()}")
+  print(f"model={config.model} image_size={size} global_batch={batch} "
+        f"per_device_batch={per_device_batch} dtype={dtype} input={FLAGS.input}", flush=True)
+
+  mesh = steps.create_mesh()
+  replicated = NamedSharding(mesh, P())
+  start = time.time()
+  model = steps.create_model(config, num_classes)
+  optimizer = nnx.Optimizer(
+      model, steps.create_optimizer(config, steps.create_learning_rate_fn(config)), wrt=nnx.Param)
+  model_graph, model_state = nnx.split(model)
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.device_put(state, replicated)
+  num_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f"parameters={num_params:,} (built in {time.time() - start:.1f} s)", flush=True)
+
+  label_smoothing = config.label_smoothing
+
+  def pure_step(state, images, labels, dropout_key):
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = steps.train_step(model, optimizer, images, labels, dropout_key,
+                               label_smoothing=label_smoothing)
+    return nnx.state((model, optimizer)), metrics
+
+  def forward(model_state, images):
+    model = nnx.merge(model_graph, model_state)
+    model.eval()
+    return model(normalize_images(images, np.float32))
+
+  cleanup = None
+  with jax.set_mesh(mesh):
+    example = next(_synthetic_batches(mesh, batch, size, num_classes, config.seed))
+    keys = jax.device_put(
+        jax.random.split(jax.random.key(config.seed + 1), FLAGS.warmup + FLAGS.steps), replicated)
+    start = time.time()
+    lowered = jax.jit(pure_step, donate_argnums=0).lower(state, *example, keys[0])
+    compiled = lowered.compile()
+    print(f"compile_seconds={time.time() - start:.1f}", flush=True)
+    flops_compiled = _flops(compiled.cost_analysis())
+    flops_hlo = _flops(lowered.cost_analysis())
+    flops_forward = _flops(jax.jit(forward).lower(model_state, example[0]).cost_analysis())
+
+    if FLAGS.input == "synthetic":
+      batches = _synthetic_batches(mesh, batch, size, num_classes, config.seed)
+    else:
+      batches, cleanup = _pipeline_batches(config, mesh, batch, FLAGS.device_prefetch)
+    try:
+      start = time.time()
+      for step in range(FLAGS.warmup):
+        state, metrics = compiled(state, *next(batches), keys[step])
+      jax.block_until_ready((state, metrics))
+      print(f"warmup_seconds={time.time() - start:.2f} ({FLAGS.warmup} steps)", flush=True)
+      start = time.time()
+      for step in range(FLAGS.warmup, FLAGS.warmup + FLAGS.steps):
+        state, metrics = compiled(state, *next(batches), keys[step])
+      jax.block_until_ready((state, metrics))
+      seconds = time.time() - start
+    finally:
+      if cleanup is not None:
+        cleanup()
+
+  loss = float(metrics["loss"])
+  images_per_second = FLAGS.steps * batch / seconds
+  print(f"step_seconds={seconds / FLAGS.steps:.4f} (mean of {FLAGS.steps} timed steps after "
+        f"{FLAGS.warmup} warm-up; last loss {loss:.3f})")
+
+  def per_image(flops, divisor):
+    return f"{flops / divisor:.4g}" if flops else "n/a"
+
+  # The compiled program is one device's part: divide by the per-device batch. The unoptimised
+  # HLO is the whole (global) program.
+  print(f"train_flops_per_image={per_image(flops_compiled, per_device_batch)} "
+        "(XLA cost analysis of the compiled step, one device)")
+  print(f"train_flops_per_image_hlo={per_image(flops_hlo, batch)} (unoptimised HLO of the step)")
+  print(f"forward_flops_per_image_hlo={per_image(flops_forward, batch)} "
+        "(unoptimised HLO of the eval-mode forward pass)")
+  flops_per_image = flops_compiled / per_device_batch if flops_compiled else None
+  if flops_per_image is None and flops_hlo:
+    flops_per_image = flops_hlo / batch
+  peak, peak_label = peak_tflops(kind, dtype)
+  if flops_per_image:
+    achieved = images_per_second * flops_per_image / len(devices) / 1e12
+    print(f"achieved_tflops_per_device={achieved:.2f}")
+  else:
+    achieved = None
+    print("achieved_tflops_per_device=n/a")
+  if peak is not None and achieved is not None:
+    print(f"peak_tflops_per_device={peak:g} ({peak_label})")
+    print(f"fraction_of_peak={achieved / peak:.3f}")
+  else:
+    print(f"peak_tflops_per_device=n/a (no peak known for {kind!r})")
+    print("fraction_of_peak=n/a")
+  tensorflow_imported = sys.modules.get("tensorflow") is not None
+  print(f"tensorflow_imported={tensorflow_imported}")
+  if FLAGS.input == "synthetic" and tensorflow_imported:
+    raise SystemExit("TensorFlow was imported by the synthetic-input benchmark; it must not be.")
+  print(f"images_per_second={images_per_second:.1f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
