@@ -33,6 +33,10 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,
+        # Still needed beside BestN in orbax 0.12: without best_fn the manager neither writes the
+        # metrics of a checkpoint nor ranks by them (best_step() would return the latest step).
+        best_fn=_best_metric,
+        best_mode="max",
         enable_async_checkpointing=asynchronous,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,

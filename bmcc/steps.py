@@ -101,9 +101,14 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Mod
 
 @nnx.jit(donate_argnums=(0, 1), static_argnames=("label_smoothing",))
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
-               labels: jax.Array, dropout_key: jax.Array, label_smoothing: float = 0.0
+               labels: jax.Array, dropout_key: jax.Array,
+               class_weights: jax.Array | None = None, label_smoothing: float = 0.0
                ) -> dict[str, jax.Array]:
-  """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy."""
+  """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy.
+
+  `class_weights` [C], if given, weights each example's loss by its class (mean 1 over the
+  training examples: `bmcc.data.sampling.class_weights`).
+  """
   model.train()
 
   def loss_fn(model):
@@ -112,7 +117,10 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
     targets = jax.nn.one_hot(labels, logits.shape[-1])
     if label_smoothing:
       targets = optax.smooth_labels(targets, label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    losses = optax.softmax_cross_entropy(logits, targets)
+    if class_weights is not None:
+      losses = losses * class_weights[labels]
+    loss = losses.mean()
     return loss, logits
 
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

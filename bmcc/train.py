@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from bmcc import checkpointing, config_validation, evaluate, metrics, steps
 from bmcc import plateau as plateau_lib
-from bmcc.data import loading, pipeline, splits
+from bmcc.data import augment, loading, pipeline, sampling, splits
 from bmcc.steps import (  # noqa: F401  (re-exported: the public training API lives here too)
   create_learning_rate_fn,
   create_mesh,
@@ -177,13 +177,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   per_process_batch = config.batch_size // jax.process_count()
   selections = {role: splits.Selection(role, config.data.fold, config.data.num_folds)
                 for role in splits.SPLITS}
+  train_source = pipeline.role_source(builder, selections["train"])
+  index_cache = os.path.join(
+      builder.data_dir, f"record_index-{'+'.join(selections['train'].splits())}.npz")
   train_ds = pipeline.train_dataset(
-      pipeline.role_source(builder, selections["train"]), mapping=mapping,
+      train_source, mapping=mapping,
       image_size=config.image_size, batch_size=per_process_batch, seed=config.seed,
-      augment=config.data.augment, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers,
-      selection=selections["train"])
-  train_iter = iter(train_ds)
+      augment=augment.AugmentConfig.from_config(config.data) or False,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers, selection=selections["train"],
+      balance_alpha=config.data.balance_alpha, index_cache=index_cache)
+  data_sharding = NamedSharding(mesh, P("data"))
+  train_iter = pipeline.prefetch_to_device(iter(train_ds), size=2, sharding=data_sharding)
+  class_weights = None
+  if config.data.loss_weight_alpha:
+    _, run_labels = pipeline.training_labels(
+        train_source, mapping=mapping, selection=selections["train"], index_cache=index_cache)
+    counts = sampling.class_counts(run_labels, mapping.num_classes)
+    frequencies = (sampling.class_probabilities(counts, config.data.balance_alpha)
+                   if config.data.balance_alpha else None)
+    class_weights = jax.device_put(
+        sampling.class_weights(counts, config.data.loss_weight_alpha, frequencies), replicated)
   validation_source = pipeline.role_source(builder, selections["validation"])
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -214,7 +228,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_train_steps, writer=writer)
 
-  data_sharding = NamedSharding(mesh, P("data"))
   dropout_base = jax.random.key(config.seed + 1)
   last_step = config.num_train_steps
   if config.stop_at_step is not None:
@@ -229,10 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       for step in range(start_step + 1, last_step + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = next(train_iter)
-          images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
-          labels = jax.make_array_from_process_local_data(data_sharding, batch["label"])
-          pending.append((step, train_step(model, optimizer, images, labels,
-                                           jax.random.fold_in(dropout_base, step),
+          pending.append((step, train_step(model, optimizer, batch["image"], batch["label"],
+                                           jax.random.fold_in(dropout_base, step), class_weights,
                                            label_smoothing=config.label_smoothing)))
         report_progress(step)
 
@@ -281,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
               f"Stopped by {stop_request.signal} at step {step} of {config.num_train_steps}, "
               f"with a checkpoint in {ckpt.directory}; rerun the same command to resume.")
   finally:
+    train_iter.close()
     ckpt.wait_until_finished()
     writer.flush()
 

@@ -1,12 +1,13 @@
 """The grain pipeline: determinism, exact resume, augmentation and exactly-once evaluation."""
 
 import io
+import pickle
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bmcc.data import pipeline, splits
+from bmcc.data import pipeline, sampling, splits
 
 
 class FakeSource:
@@ -171,3 +172,213 @@ def test_kfold_eval_reads_only_its_fold(source):
           if selection(r["file_name"].decode())]
   assert 0 < len(kept) < 17
   assert sum(int(b["mask"].sum()) for b in batches) == len(kept)
+
+
+def _assert_same_batches(expected, actual):
+  assert len(expected) == len(actual)
+  for x, y in zip(expected, actual, strict=True):
+    np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+    np.testing.assert_array_equal(np.asarray(x["label"]), np.asarray(y["label"]))
+
+
+def test_same_batches_for_any_worker_count_and_exact_resume_with_workers(source):
+  reference = _take(iter(_train(source, seed=5)), 9)  # crosses the epoch boundary at example 50
+  one = iter(_train(source, seed=5, num_workers=1))
+  _assert_same_batches(reference[:4], _take(one, 4))
+  one.close()
+  two = iter(_train(source, seed=5, num_workers=2))
+  _assert_same_batches(reference[:3], _take(two, 3))
+  state = two.get_state()  # mid-epoch, mid-way through the workers' round
+  _assert_same_batches(reference[3:9], _take(two, 6))
+  two.close()
+  resumed = iter(_train(source, seed=5, num_workers=2))
+  resumed.set_state(state)
+  _assert_same_batches(reference[3:9], _take(resumed, 6))
+  resumed.close()
+
+
+def test_class_subset_and_balanced_streams(source):
+  # Worker processes see these streams exactly as the main process does (the sampler is a pure
+  # function of seed and position, and pickles), like the plain stream tested above; not repeated
+  # here because every worker start costs seconds.
+  mapping = pipeline.ClassMapping.create(["EBO", "ABE", "BLA"])
+  kwargs = dict(mapping=mapping, balance_alpha=1.0, seed=2)
+  reference = _take(iter(_train(source, **kwargs)), 5)
+  labels = np.concatenate([b["label"] for b in reference])
+  assert set(labels.tolist()) == {0, 1, 2}
+  _assert_same_batches(reference, _take(iter(_train(source, **kwargs)), 5))
+  # Natural order over the subset: every kept example once per epoch (3 classes x 2 or 3).
+  natural = np.concatenate([b["label"] for b in _take(iter(_train(source, mapping=mapping,
+                                                                    augment=False)), 7)])
+  kept = [pipeline.ClassMapping.create(["EBO", "ABE", "BLA"]).lookup_table()[i % 21]
+          for i in range(50)]
+  kept = np.array([k for k in kept if k >= 0])
+  np.testing.assert_array_equal(np.sort(natural[:len(kept)]), np.sort(kept))
+
+
+def test_balanced_stream_resumes_exactly(source):
+  iterator = iter(_train(source, balance_alpha=0.5))
+  _take(iterator, 2)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  resumed = iter(_train(source, balance_alpha=0.5))
+  resumed.set_state(state)
+  _assert_same_batches(expected, _take(resumed, 3))
+
+
+class _CountingIterator:
+  """A finite grain-like iterator of numbered batches with get_state/set_state."""
+
+  def __init__(self, n: int, fail_at: int | None = None):
+    self.position, self.n, self.fail_at = 0, n, fail_at
+
+  def __next__(self):
+    if self.position == self.fail_at:
+      raise RuntimeError("broken record")
+    if self.position >= self.n:
+      raise StopIteration
+    self.position += 1
+    return {"label": np.full(4, self.position - 1, np.int32)}
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
+def test_prefetch_to_device_state_is_that_of_the_last_consumed_batch(source):
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  plain = iter(_train(source, seed=9))
+  reference = _take(plain, 8)
+  prefetched = pipeline.prefetch_to_device(iter(_train(source, seed=9)), size=3,
+                                           sharding=sharding)
+  initial = prefetched.get_state()
+  first = _take(prefetched, 3)
+  assert isinstance(first[0]["image"], jax.Array) and first[0]["image"].sharding == sharding
+  assert first[0]["image"].dtype == np.uint8 and first[0]["label"].shape == (8,)
+  _assert_same_batches(reference[:3], first)
+  state = prefetched.get_state()  # the reader is ahead by up to 3 more batches
+  check = iter(_train(source, seed=9))
+  _take(check, 3)
+  assert state == check.get_state()
+  resumed = iter(_train(source, seed=9))
+  resumed.set_state(state)
+  _assert_same_batches(reference[3:6], _take(resumed, 3))
+  _assert_same_batches(reference[3:5], _take(prefetched, 2))
+  prefetched.set_state(state)  # rewind: read-ahead dropped
+  _assert_same_batches(reference[3:8], _take(prefetched, 5))
+  prefetched.set_state(initial)
+  _assert_same_batches(reference[:2], _take(prefetched, 2))
+  prefetched.close()
+
+  finite = pipeline.prefetch_to_device(_CountingIterator(3), size=2)
+  assert [int(b["label"][0]) for b in finite] == [0, 1, 2]
+  assert finite.get_state() == {"position": 3}
+  broken = pipeline.prefetch_to_device(_CountingIterator(5, fail_at=2), size=4)
+  _take(broken, 2)
+  with pytest.raises(RuntimeError, match="broken record"):
+    next(broken)
+  assert broken.get_state() == {"position": 2}
+
+
+def test_prefetch_to_device_round_trips_through_a_checkpoint(source, tmp_path):
+  from bmcc import checkpointing
+
+  reference = _take(iter(_train(source, seed=4)), 5)
+  prefetched = pipeline.prefetch_to_device(iter(_train(source, seed=4)), size=2)
+  _take(prefetched, 2)
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", asynchronous=False)
+  ckpt.save(1, {"w": np.zeros(2, np.float32)}, prefetched, {"note": "test"}, force=True)
+  ckpt.wait_until_finished()
+  restored = pipeline.prefetch_to_device(iter(_train(source, seed=4)), size=2)
+  ckpt.restore(1, {"w": np.zeros(2, np.float32)}, restored)
+  _assert_same_batches(reference[2:5], _take(restored, 3))
+  ckpt.close()
+  prefetched.close()
+  restored.close()
+
+
+# Class counts of a small imbalanced training set.
+COUNTS = np.array([2000, 600, 150, 40, 9, 1])
+
+
+def _frequencies(sampler, n):
+  labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
+  drawn = labels[[sampler[i] for i in range(n)]]
+  return np.bincount(drawn, minlength=len(COUNTS)) / n
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_balanced_sampler_class_frequencies_within_two_points(alpha):
+  labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
+  sampler = sampling.BalancedSampler(labels, alpha=alpha, seed=0, chunk_size=1000)
+  target = COUNTS ** (1.0 - alpha) / (COUNTS ** (1.0 - alpha)).sum()  # alpha=1: uniform
+  np.testing.assert_allclose(sampler.probabilities, target)
+  # 20k draws: the binomial standard deviation is at most 0.35 percentage points.
+  np.testing.assert_allclose(_frequencies(sampler, 20_000), target, atol=0.02)
+
+
+def test_balanced_sampler_is_a_pure_function_of_seed_and_position():
+  labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
+  a = sampling.BalancedSampler(labels, alpha=1.0, seed=3, chunk_size=64)
+  b = pickle.loads(pickle.dumps(a))  # as in a grain worker
+  positions = [5, 900, 64, 63, 10_000, 5]
+  assert [a[i] for i in positions] == [b[i] for i in positions]
+  assert [a[i] for i in range(200)] != [
+      sampling.BalancedSampler(labels, alpha=1.0, seed=3, stream=1, chunk_size=64)[i]
+      for i in range(200)]
+  assert len(a) > 10 ** 15 and a[0:10:2][1] == a[2]
+
+
+def test_class_weights_are_exact():
+  np.testing.assert_allclose(sampling.class_weights([1, 4, 16], 0.0), [1.0, 1.0, 1.0])
+  np.testing.assert_allclose(sampling.class_weights([1, 4, 16], 0.5), [3.0, 1.5, 0.75])
+  np.testing.assert_allclose(sampling.class_weights([1, 4, 16], 1.0), [7.0, 1.75, 0.4375])
+  weights = sampling.class_weights([10, 40, 0, 50], 1.0)
+  np.testing.assert_allclose(weights, [10 / 3, 5 / 6, 0.0, 2 / 3], rtol=1e-6)
+  assert weights.dtype == np.float32
+  np.testing.assert_allclose((np.array([10, 40, 0, 50]) * weights).sum() / 100, 1.0, rtol=1e-6)
+  # Normalised over the balanced stream instead (uniform over the 3 classes).
+  uniform = sampling.class_probabilities([1, 4, 16], 1.0)
+  np.testing.assert_allclose(uniform, [1 / 3] * 3)
+  np.testing.assert_allclose(sampling.class_weights([1, 4, 16], 1.0, uniform),
+                             [16 / 7, 4 / 7, 1 / 7], rtol=1e-6)
+  with pytest.raises(ValueError):
+    sampling.class_weights([0, 0], 1.0)
+
+
+class _CountingSource(FakeSource):
+  def __init__(self, n):
+    super().__init__(n)
+    self.reads = 0
+
+  def __getitem__(self, index):
+    self.reads += 1
+    return super().__getitem__(index)
+
+
+def test_record_index_is_read_once_and_cached(source, tmp_path):
+  path = tmp_path / "sub" / "labels-train.npz"
+  labels, names = sampling.read_record_index(source, path)
+  np.testing.assert_array_equal(labels, [i % 21 for i in range(50)])
+  assert names[7] == "F00007" and path.exists()
+  counting = _CountingSource(50)
+  again, _ = sampling.read_record_index(counting, path)
+  np.testing.assert_array_equal(again, labels)
+  assert counting.reads == 16  # the spot checks only
+  counting.records[29]["label"] = 3  # the same length, other content (a spot-checked record)
+  relabelled, _ = sampling.read_record_index(counting, path)
+  assert relabelled[29] == 3 and counting.reads > 16 + 50
+  stale, _ = sampling.read_record_index(FakeSource(30), path)  # another length: read again
+  assert len(stale) == 30
+  indices, run_labels = pipeline.training_labels(
+      source, mapping=pipeline.ClassMapping.create(["EBO", "ABE"]), process_index=1,
+      process_count=2)
+  np.testing.assert_array_equal(indices, [21, 25])  # odd positions with labels 0 or 4
+  np.testing.assert_array_equal(run_labels, [1, 0])

@@ -1,12 +1,18 @@
 """The grain input pipeline over the prepared TFDS dataset.
 
-Training: a per-process slice of the split, shuffled with the config seed (a new order every
-epoch), repeated, decoded at reduced JPEG scale where the target size allows, randomly flipped and
-rotated by multiples of 90 degrees (cells have no orientation), batched. Its iterator state goes
-into every checkpoint: a resumed run sees exactly the batches the interrupted one would have.
+Training: a per-process slice of the split, either shuffled with the config seed (a new order every
+epoch) and repeated, or drawn class-balanced (`balance_alpha`, `bmcc.data.sampling`); each example
+decoded and augmented (`bmcc.data.augment`: random resized crop at reduced JPEG scale, rotations
+and flips, stain jitter, blur) with a generator seeded by its position in the stream; batched by
+position. Batches are formed before grain's worker processes split the work (each worker computes
+whole batches, which are put back in order), so the same seed gives the same batches for any
+`num_workers`, and the iterator state, which goes into every checkpoint, resumes on exactly the
+next batch. `prefetch_to_device` moves batches to the devices in a background thread and keeps that
+state exact.
 
 Evaluation: every example of the split exactly once, in file order, in fixed-size batches; the last
-batch is padded and carries a `mask` that is False on the padding.
+batch is padded and carries a `mask` that is False on the padding. Images are resized
+deterministically (`decode_image`), never augmented.
 
 Images leave the pipeline as uint8 [H, W, 3]; normalisation happens on the device
 (`normalize_images`), which makes the host-to-device copy four times smaller.
@@ -14,23 +20,35 @@ Images leave the pipeline as uint8 [H, W, 3]; normalisation happens on the devic
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import math
+import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from bmcc.data import classes, splits
+from bmcc.data import augment as augment_lib
+from bmcc.data import classes, sampling, splits
 
 # Per-channel mean and standard deviation (0..255 scale) of stained bone-marrow cells, measured on
 # the synthetic set and close to the values commonly used for this stain; a fixed normaliser keeps
 # checkpoints independent of the data the run happened to see.
 MEAN_RGB = (200.0, 180.0, 200.0)
 STDDEV_RGB = (50.0, 55.0, 45.0)
+
+# Threads per process (the main process, or each grain worker) computing batches, and how many
+# batches each process reads ahead. OpenCV and libjpeg release the GIL, so two threads keep two
+# cores busy without worker processes.
+READ_THREADS = 2
+READ_AHEAD_BATCHES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +154,32 @@ class ConcatSource:
 
 
 class _TrainTransform:
-  """Decode, random dihedral transform; picklable for grain's worker processes."""
+  """Decode and augment one example; picklable for grain's worker processes."""
 
-  def __init__(self, image_size: int, augment: bool):
+  def __init__(self, image_size: int, augment: augment_lib.AugmentConfig | None):
     self.image_size = image_size
     self.augment = augment
 
   def __call__(self, element: dict, rng: np.random.Generator) -> dict:
-    image = decode_image(element["image"], self.image_size)
-    if self.augment:
-      image = random_dihedral(image, rng)
+    if self.augment is None:
+      image = decode_image(element["image"], self.image_size)
+    else:
+      image = augment_lib.augment_image(element["image"], self.image_size, self.augment, rng)
     return {"image": image, "label": np.int32(element["label"])}
+
+
+class _Subset:
+  """The records of `source` at `indices`, as a random-access source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
 
 
 class _EvalTransform:
@@ -173,24 +206,73 @@ def role_source(builder: tfds.core.DatasetBuilder, selection: splits.Selection):
   return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
-def train_dataset(source, *, mapping: ClassMapping, image_size: int, batch_size: int, seed: int,
-                  augment: bool = True, process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0, selection: splits.Selection | None = None
-                  ) -> grain.IterDataset:
-  """The infinite, shuffled, augmented training stream of this process's batches.
+def training_labels(source, *, mapping: ClassMapping, selection: splits.Selection | None = None,
+                    process_index: int = 0, process_count: int = 1,
+                    index_cache: str | os.PathLike | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(record indices, run labels) of the records of `source` that this process trains on.
 
-  `batch_size` is the per-process batch. The same seed gives the same batches; the order of
-  examples and the augmentation of each depend only on (seed, position in the stream).
+  That is, its slice `process_index::process_count`, less the classes the mapping leaves out and
+  the files outside the fold selection. Reads every record's label (and file name) once; with
+  `index_cache` they are cached in that `.npz` file (`sampling.read_record_index`). The run labels
+  of all processes together (process_count=1) give the class counts for `sampling.class_weights`.
   """
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  parse = _Parse(mapping, selection)
-  ds = ds.shuffle(seed=seed).repeat(None).map(parse)
-  if parse.filters:
-    ds = ds.filter(_is_kept)
-  ds = ds.random_map(_TrainTransform(image_size, augment), seed=seed + 1)
-  ids = ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+  labels, file_names = sampling.read_record_index(source, index_cache)
+  run_labels = mapping.lookup_table()[labels]
+  keep = np.zeros(len(labels), bool)
+  keep[process_index::process_count] = True
+  keep &= run_labels >= 0
+  if selection is not None and selection.uses_folds:
+    keep &= np.fromiter((selection(str(name)) for name in file_names), bool, len(file_names))
+  indices = np.flatnonzero(keep)
+  return indices, run_labels[indices].astype(np.int32)
+
+
+def train_dataset(source, *, mapping: ClassMapping, image_size: int, batch_size: int, seed: int,
+                  augment: augment_lib.AugmentConfig | bool = True, process_index: int = 0,
+                  process_count: int = 1, num_workers: int = 0,
+                  selection: splits.Selection | None = None, balance_alpha: float = 0.0,
+                  index_cache: str | os.PathLike | None = None,
+                  read_threads: int = READ_THREADS) -> grain.IterDataset:
+  """The infinite, shuffled (or class-balanced), augmented stream of this process's batches.
+
+  `batch_size` is the per-process batch. `augment`: an `AugmentConfig`, True for the default one,
+  False for none (the evaluation resize). `balance_alpha` > 0 draws examples with probability
+  proportional to n_c^(-balance_alpha) (`sampling.BalancedSampler`; 1: uniform over classes) instead
+  of shuffled epochs. Class subsets, fold selections and balancing read every record's label once
+  first (`training_labels`; cached in `index_cache` if given). `num_workers` grain worker processes
+  compute whole batches; `read_threads` threads do so in each process.
+
+  The same seed gives the same batches whatever `num_workers`: the order of examples and the
+  augmentation of each depend only on (seed, position in the stream).
+  """
+  augment = augment_lib.resolve(augment)
+  if balance_alpha < 0:
+    raise ValueError(f"balance_alpha={balance_alpha} must be >= 0.")
+  parse = _Parse(mapping)
+  if balance_alpha > 0 or _Parse(mapping, selection).filters:
+    indices, labels = training_labels(source, mapping=mapping, selection=selection,
+                                      process_index=process_index, process_count=process_count,
+                                      index_cache=index_cache)
+    if not len(indices):
+      raise ValueError("This process has no training example (check the classes and folds).")
+    records = _Subset(source, indices)
+    if balance_alpha > 0:
+      ds = sampling.BalancedSampler(labels, alpha=balance_alpha, seed=seed, stream=process_index,
+                                    num_classes=mapping.num_classes).map(records.__getitem__)
+    else:
+      ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)
+  else:  # every record of the slice: nothing to read up front
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.map(parse).random_map(_TrainTransform(image_size, augment), seed=seed + 1)
+  # Batching by position before the workers split the stream keeps batches worker-independent.
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ids = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(read_threads, READ_AHEAD_BATCHES)))
   if num_workers > 0:
-    ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=READ_AHEAD_BATCHES))
   return ids
 
 
@@ -231,3 +313,112 @@ def pad_batch(batch: dict, batch_size: int) -> dict:
     padded[key] = np.concatenate([value, pad])
   padded["mask"] = np.arange(batch_size) < n
   return padded
+
+
+class DevicePrefetchIterator(grain.DatasetIterator):
+  """Reads batches ahead in a background thread and puts them on the devices; checkpointable.
+
+  Each batch is read from the wrapped grain iterator together with that iterator's state right
+  after it, and `get_state()` is the state after the last batch handed out by `next()`, not after
+  the batches read ahead. So saving this iterator (`grain.checkpoint.CheckpointSave`, or
+  `get_state()`) and restoring it (`set_state`, `CheckpointRestore`) resumes on exactly the next
+  unconsumed batch. `set_state` stops the reader, drops what it read ahead, and restores the wrapped
+  iterator; reading starts again on the next `next()` (or `start_prefetch()`).
+
+  With a `sharding`, every array of a batch becomes a global `jax.Array` through
+  `jax.make_array_from_process_local_data` (the batch is this process's part); without, batches
+  stay numpy (useful to overlap host work only).
+  """
+
+  def __init__(self, iterator: Iterator[dict], size: int = 2, sharding: Any = None):
+    super().__init__()
+    if size < 1:
+      raise ValueError(f"size={size} must be at least 1.")
+    self._iterator = iterator
+    self._size = size
+    self._sharding = sharding
+    self._state = iterator.get_state()
+    self._thread: threading.Thread | None = None
+    self._stop = threading.Event()
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+
+  def _to_device(self, batch: dict) -> dict:
+    if self._sharding is None:
+      return batch
+    import jax  # here: grain workers, which import this module, need no jax
+
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self._sharding, np.asarray(x)), batch)
+
+  def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+    while not stop.is_set():
+      try:
+        batch = next(self._iterator)
+        item = (self._to_device(batch), self._iterator.get_state())
+      except BaseException as e:  # handed to the consumer, StopIteration included
+        item = e
+      while not stop.is_set():
+        try:
+          out.put(item, timeout=0.05)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+
+  def start_prefetch(self) -> None:
+    """Starts the background reader (idempotent); `next()` starts it too."""
+    self._assert_not_closed()
+    if self._thread is None:
+      self._stop = threading.Event()
+      self._queue = queue.Queue(maxsize=self._size)
+      self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
+                                      name="prefetch_to_device", daemon=True)
+      self._thread.start()
+
+  def _stop_reader(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+  def __next__(self) -> dict:
+    self.start_prefetch()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._thread = None  # the reader has ended
+      raise item
+    batch, self._state = item
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """The wrapped iterator's state after the last batch returned by `next()`."""
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._stop_reader()
+    self._iterator.set_state(state)
+    self._state = copy.deepcopy(state)
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    self._stop_reader()
+    super().close()
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def prefetch_to_device(iterator: Iterator[dict], size: int = 2, sharding: Any = None
+                       ) -> DevicePrefetchIterator:
+  """`iterator`'s batches, `size` ahead, as jax.Arrays sharded by `sharding` (see the class).
+
+  The result replaces the grain iterator everywhere, checkpoints included:
+
+    train_iter = pipeline.prefetch_to_device(iter(train_ds), 2, NamedSharding(mesh, P("data")))
+    ckpt.restore(step, state, train_iter)      # set_state: the exact next batch
+    batch = next(train_iter)                   # {"image": jax.Array, "label": jax.Array}
+    ckpt.save(step, state, train_iter, ...)    # get_state: after the last consumed batch
+  """
+  return DevicePrefetchIterator(iterator, size, sharding)
