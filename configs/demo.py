@@ -1,11 +1,15 @@
 """Demo: a small synthetic dataset in the real on-disk layout, trained on the CPU in minutes.
 
-  python main.py --config configs/demo.py --workdir runs/demo
+  python main.py --config configs/demo.py --workdir runs/demo      # or: make demo
 
 Writes ~2,300 synthetic 250 x 250 JPEGs (with three planted bad files) in the Kaggle layout into
-~/.cache/bmcc on first use, prepares them with the TFDS builder, trains SimpleCNN at 64 px for 600
-steps and evaluates on the test split. Expected on 2 CPU cores: MEASURED_LATER.
-"""
+~/.cache/bmcc on first use, prepares them with the TFDS builder, trains SimpleCNN at 48 px for 400
+steps of batch 32 with the default augmentation and evaluates on the test split (248 images).
+
+Measured on 2 CPU cores (shared with other jobs), data already cached: 3 min 43 s; test accuracy
+0.891, balanced accuracy 0.679, macro F1 0.668. With XLA_FLAGS=
+--xla_force_host_platform_device_count=4 (4 devices): 3 min 21 s; 0.867 / 0.664 / 0.664.
+Stated bar (tests/test_end_to_end.py): test balanced accuracy >= 0.60."""
 
 import ml_collections
 

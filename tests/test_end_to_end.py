@@ -81,8 +81,8 @@ def test_demo_command_reaches_its_stated_balanced_accuracy(tmp_path, cache_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval_test.json")) as f:
     report = json.load(f)
-  # configs/demo.py states: test balanced accuracy >= 0.65 (measured 0.77 on 2 CPU cores).
-  assert report["balanced_accuracy"] >= 0.65, report["balanced_accuracy"]
+  # configs/demo.py states: test balanced accuracy >= 0.60 (measured 0.679 on 2 CPU cores).
+  assert report["balanced_accuracy"] >= 0.60, report["balanced_accuracy"]
   assert report["num_examples"] > 200
   tags = _tensorboard_tags(workdir)
   assert {"train/loss", "val/balanced_accuracy", "test/balanced_accuracy"} <= tags, tags
