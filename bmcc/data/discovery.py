@@ -53,7 +53,10 @@ class DiscoveredDataset:
   entries: list[ImageEntry]
   ignored: list[str]  # files that are not images of a known class, relative to `container`
   duplicates: list[str]  # images whose stem was already seen (kept: the first in sorted order)
-  _local: threading.local = dataclasses.field(default_factory=threading.local, repr=False)
+  # One zip handle shared by the reading threads, used under the lock (zipfile's own reference
+  # counting is not thread-safe); opening one per thread re-parsed the central directory each time.
+  _archive: zipfile.ZipFile | None = dataclasses.field(default=None, repr=False)
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
   def counts(self) -> dict[str, int]:
     """Images found per class code (every code present, 0 where missing)."""
@@ -64,15 +67,15 @@ class DiscoveredDataset:
     return [code for code, n in self.counts().items() if n == 0]
 
   def read(self, entry: ImageEntry) -> bytes:
-    """The raw bytes of one image. Thread-safe: each thread opens the zip once."""
+    """The raw bytes of one image. Thread-safe; a zip is opened once and read under a lock (only
+    the read and CRC check: callers validate the bytes in parallel)."""
     if not self.is_zip:
       with open(entry.location, "rb") as f:
         return f.read()
-    archive = getattr(self._local, "archive", None)
-    if archive is None:
-      archive = zipfile.ZipFile(self.container)
-      self._local.archive = archive
-    return archive.read(entry.location)
+    with self._lock:
+      if self._archive is None:
+        self._archive = zipfile.ZipFile(self.container)
+      return self._archive.read(entry.location)
 
 
 def _classify(parts: list[str]) -> tuple[str, str, str] | None:

@@ -5,6 +5,13 @@ without TensorFlow. Each example holds the original JPEG bytes (validated, never
 label (all 21 class codes, alphabetical) and the file name relative to the class root. Splits are
 assigned per file from its stem (`bmcc.data.splits`). Unreadable files are skipped and listed.
 
+Written shard by shard (`tfds.core.ShardBasedBuilder`, `_SHARD_SIZE` images each), so memory stays
+flat whatever the download's size: TFDS's `GeneratorBasedBuilder` holds a whole split in memory up
+to 1 GB and then spills it through `tf.io.gfile`, importing TensorFlow (about 1.8 GiB peak for the
+full dataset). Within a split, images are ordered by a hash of their file name (classes mixed,
+independent of which other files exist), as the generator-based writer's key-hash shuffle did.
+The ArrayRecord shards are uncompressed (JPEG bytes do not compress; readers need no option).
+
 After a build, `build_report.json` (counts, skipped, ignored and missing) and `splits.csv` (the
 split of every file) are written next to the shards by `prepare()`.
 """
@@ -14,12 +21,19 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import functools
+import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from tensorflow_datasets.core import writer as writer_lib
 
 from bmcc.data import classes, discovery, splits
 from bmcc.data.validation import BadImageError, validate_jpeg
@@ -32,12 +46,38 @@ KNOWN_BAD_FILES = frozenset({
     "NGS_04035", "NGS_18642", "NGS_15228", "LYT_19975", "EOS_02571",
 })
 
-# Files read and validated at once by the thread pool (JPEG decoding releases the GIL).
-_CHUNK = 256
+# Images per shard. TFDS's ShardWriter holds all examples of the shard it writes in memory (it
+# counts them through an itertools.tee), so this bounds the build's memory: 2,000 images of 10-40
+# KB are 20-80 MB.
+_SHARD_SIZE = 2000
+# Images read and validated ahead of the writer by the thread pool (JPEG decoding releases the GIL).
+_WINDOW = 64
 _THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class _ExampleWriter(writer_lib.ExampleWriter):
+  """TFDS's example writer, but ArrayRecord shards are written uncompressed: the records are
+  JPEGs, which do not compress, so TFDS's default compression only costs time (writing and every
+  read in training)."""
+
+  def write(self, path: os.PathLike | str, examples: Iterable[tuple[object, bytes]]) -> None:
+    if self.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      return super().write(path, examples)
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1,uncompressed")
+    try:
+      for _, serialized in examples:
+        writer.write(serialized)
+    finally:
+      writer.close()
+    return None
+
+
+def _order_key(entry: discovery.ImageEntry) -> bytes:
+  """Where an image goes in its split: a hash of its file name (classes mixed in every shard)."""
+  return hashlib.sha256(entry.file_name.encode("utf-8")).digest()
+
+
+class Builder(tfds.core.ShardBasedBuilder):
   """The bone-marrow cytomorphology dataset, from a manual download."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -55,6 +95,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.skipped: list[tuple[str, str]] = []  # (file_name, reason)
     self.excluded: list[str] = []  # known bad files left out
     self.assignments: list[tuple[str, str, str]] = []  # (file_name, code, split)
+    self._yielded: collections.Counter[str] = collections.Counter()  # images written per split
+    self._progress: dict = {}  # split -> its progress bar
+
+  def _example_writer(self) -> writer_lib.ExampleWriter:
+    return _ExampleWriter(file_format=self.info.file_format)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -68,7 +113,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         license="CC BY 4.0",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+  def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager
+                                 ) -> dict[str, list[Callable[[], Iterator[tuple[str, dict]]]]]:
     if self._discovered is None:
       self._discovered = discovery.discover(dl_manager.manual_dir)
     found = self._discovered
@@ -78,10 +124,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.excluded.append(entry.file_name)
         continue
       per_split[splits.split_of(entry.file_name)].append(entry)
-    return {name: self._generate_examples(per_split[name], name) for name in splits.SPLITS}
+    shards = {}
+    for name in splits.SPLITS:
+      entries = sorted(per_split[name], key=_order_key)
+      # An empty split still gets one (empty) shard, whose generator explains the problem.
+      chunks = [entries[i:i + _SHARD_SIZE] for i in range(0, len(entries), _SHARD_SIZE)] or [[]]
+      shards[name] = [
+          functools.partial(self._generate_examples, chunk, name, len(entries),
+                            i == len(chunks) - 1)
+          for i, chunk in enumerate(chunks)]
+    return shards
 
-  def _generate_examples(self, entries: list[discovery.ImageEntry], split: str
-                         ) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, entries: list[discovery.ImageEntry], split: str, split_size: int,
+                         last_shard: bool) -> Iterator[tuple[str, dict]]:
+    """The examples of one shard: `entries` read and validated by a thread pool, in order."""
     found = self._discovered
 
     def load(entry: discovery.ImageEntry) -> tuple[discovery.ImageEntry, bytes | None, str]:
@@ -89,28 +145,41 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         data = found.read(entry)
         validate_jpeg(data)
         return entry, data, ""
-      except (BadImageError, OSError) as e:
+      except (BadImageError, OSError, zipfile.BadZipFile, zlib.error) as e:
         return entry, None, str(e)
 
-    yielded = 0
+    if split not in self._progress:
+      self._progress[split] = tfds.core.utils.tqdm(
+          total=split_size, desc=f"Preparing {split} images...", unit=" images", leave=False,
+          mininterval=1.0)
+    progress = self._progress[split]
+    todo = iter(entries)
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-      for start in range(0, len(entries), _CHUNK):
-        for entry, data, reason in pool.map(load, entries[start:start + _CHUNK]):
-          if data is None:
-            logging.warning("Skipping %s: %s", entry.file_name, reason)
-            self.skipped.append((entry.file_name, reason))
-            continue
-          self.assignments.append((entry.file_name, entry.code, split))
-          yielded += 1
-          yield entry.file_name, {
-              "image": data,
-              "label": entry.code,
-              "file_name": entry.file_name,
-          }
-    if not yielded:  # TFDS would fail with a bare "No examples were yielded".
+      pending = collections.deque(pool.submit(load, e) for e in itertools.islice(todo, _WINDOW))
+      while pending:
+        entry, data, reason = pending.popleft().result()
+        following = next(todo, None)
+        if following is not None:
+          pending.append(pool.submit(load, following))
+        progress.update(1)
+        if data is None:
+          logging.warning("Skipping %s: %s", entry.file_name, reason)
+          self.skipped.append((entry.file_name, reason))
+          continue
+        self.assignments.append((entry.file_name, entry.code, split))
+        self._yielded[split] += 1
+        yield entry.file_name, {
+            "image": data,
+            "label": entry.code,
+            "file_name": entry.file_name,
+        }
+    if not last_shard:
+      return
+    progress.close()
+    if not self._yielded[split]:  # TFDS would write an empty split without complaint.
       raise discovery.DatasetNotFoundError(
           f"No usable image falls into the {split!r} split: {len(found.entries)} images were "
-          f"found in {found.container!r} and {len(entries)} of them were assigned to {split!r} "
+          f"found in {found.container!r} and {split_size} of them were assigned to {split!r} "
           f"(all unreadable, or none). Every split ({', '.join(splits.SPLITS)}) needs at least "
           "one image; add more images to the download.")
 
