@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# Per-channel mean and standard deviation (0..255 scale) of stained bone-marrow cells. A fixed
-# normaliser keeps checkpoints independent of the data a run happened to see.
+# Per-channel mean and standard deviation (0..255 scale): fixed round values near the colours of
+# May-Grunwald-Giemsa-stained smears, not fitted to any data. A fixed normaliser keeps checkpoints
+# independent of the data a run happened to see.
 MEAN_RGB = (200.0, 180.0, 200.0)
 STDDEV_RGB = (50.0, 55.0, 45.0)
 

@@ -37,12 +37,11 @@ from PIL import Image
 
 from bmcc.data import augment as augment_lib
 from bmcc.data import classes, sampling, splits
-
-# Per-channel mean and standard deviation (0..255 scale) of stained bone-marrow cells, measured on
-# the synthetic set and close to the values commonly used for this stain; a fixed normaliser keeps
-# checkpoints independent of the data the run happened to see.
-MEAN_RGB = (200.0, 180.0, 200.0)
-STDDEV_RGB = (50.0, 55.0, 45.0)
+from bmcc.data.normalization import (  # noqa: F401  (re-exported)
+  MEAN_RGB,
+  STDDEV_RGB,
+  normalize_images,
+)
 
 # Threads per process (the main process, or each grain worker) computing batches, and how many
 # batches each process reads ahead. OpenCV and libjpeg release the GIL, so two threads keep two
@@ -102,12 +101,6 @@ def random_dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image = image[:, ::-1]
   return np.ascontiguousarray(image)
 
-
-def normalize_images(images, dtype=np.float32):
-  """uint8 images -> (x - mean) / std in `dtype`; works on numpy and jax arrays alike."""
-  mean = np.asarray(MEAN_RGB, np.float32)
-  std = np.asarray(STDDEV_RGB, np.float32)
-  return ((images.astype(np.float32) - mean) / std).astype(dtype)
 
 
 class _Parse:
