@@ -58,6 +58,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ConfigError(f"config.{key}={config[key]} must be at least 1, or None.")
   if not 0 < config.get("plateau_factor", 0.5) < 1:
     raise ConfigError(f"config.plateau_factor={config.plateau_factor} must be in (0, 1).")
+  ema_decay = config.get("ema_decay")
+  if ema_decay is not None and not (isinstance(ema_decay, float) and 0 < ema_decay < 1):
+    raise ConfigError(f"config.ema_decay={ema_decay!r} must be a float in (0, 1), or None.")
   if config.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"config.optimizer={config.optimizer!r}: use adam or adamw.")
   if config.final_eval_checkpoint not in ("best", "latest"):
@@ -78,7 +81,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
 def check_checkpoint_metadata(saved: dict, current: dict, workdir: str) -> None:
   """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
   current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
-  for key in ("model", "model_config", "classes", "image_size", "fold", "num_folds"):
+  for key in ("model", "model_config", "classes", "image_size", "fold", "num_folds",
+              "ema_decay"):
     if saved.get(key) != current.get(key):
       raise ConfigError(
           f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "

@@ -18,7 +18,8 @@ from bmcc.data import loading, pipeline, splits
 def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
   """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
 
-  The model is built from the metadata saved with the checkpoint (model name, its config, the
+  With `ema_decay` in the metadata, the model holds the averaged weights. The model is built
+  from the metadata saved with the checkpoint (model name, its config, the
   classes), so it does not depend on the config the caller passes. It is built abstractly
   (`nnx.eval_shape`) and its arrays come straight from the checkpoint: running the random
   initialisers only to overwrite them would cost many seconds of compilation on a CPU.
@@ -41,7 +42,9 @@ def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, d
         lambda: steps.create_model(config, len(meta["classes"]))))
     # Restore replicated on this machine's devices, whatever topology saved it.
     replicated = NamedSharding(steps.create_mesh(jax.local_devices()), P())
-    target = {"model": jax.tree.map(
+    # A run with an exponential moving average kept the averaged weights as `ema`.
+    item = "ema" if meta.get("ema_decay") else "model"
+    target = {item: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         nnx.to_pure_dict(state))}
     restored = ckpt.manager.restore(
@@ -49,7 +52,7 @@ def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, d
             state=checkpointing.ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
   finally:
     ckpt.close()
-  nnx.replace_by_pure_dict(state, restored["model"])
+  nnx.replace_by_pure_dict(state, restored[item])
   return nnx.merge(graphdef, state), meta, step
 
 

@@ -99,15 +99,29 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Mod
   return create()
 
 
-@nnx.jit(donate_argnums=(0, 1), static_argnames=("label_smoothing",))
+def create_ema(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.EMA | None:
+  """An exponential moving average of the model's weights if `config.ema_decay` is set.
+
+  It tracks the parameters and the batch-norm statistics (`nnx.EMA`: a copy of them, so the
+  model's memory for weights doubles), starting from the model's current values; with decay d
+  it averages over about 1 / (1 - d) steps. Its view (`ema.apply_to(model)`) is what is
+  evaluated, kept as the best checkpoint and used for prediction.
+  """
+  if not config.get("ema_decay"):
+    return None
+  return nnx.EMA(model, config.ema_decay, only=(nnx.Param, nnx.BatchStat))
+
+
+@nnx.jit(donate_argnums=(0, 1, 6), static_argnames=("label_smoothing",))
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
                labels: jax.Array, dropout_key: jax.Array,
-               class_weights: jax.Array | None = None, label_smoothing: float = 0.0
-               ) -> dict[str, jax.Array]:
+               class_weights: jax.Array | None = None, ema: nnx.EMA | None = None,
+               label_smoothing: float = 0.0) -> dict[str, jax.Array]:
   """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy.
 
   `class_weights` [C], if given, weights each example's loss by its class (mean 1 over the
-  training examples: `bmcc.data.sampling.class_weights`).
+  training examples: `bmcc.data.sampling.class_weights`). `ema`, if given (`create_ema`), moves
+  towards the updated weights.
   """
   model.train()
 
@@ -125,5 +139,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
 
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
+  if ema is not None:
+    ema.update(model)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
   return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}

@@ -32,19 +32,25 @@ from bmcc.steps import (  # noqa: F401  (re-exported: the public training API li
 )
 
 
-def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-  return {"model": nnx.to_pure_dict(nnx.state(model)),
-          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer,
+                ema_model: nnx.Module | None = None) -> dict:
+  state = {"model": nnx.to_pure_dict(nnx.state(model)),
+           "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  if ema_model is not None:
+    # The averaged weights in the model's own layout: evaluation and prediction read this item
+    # instead of `model` when the run has `ema_decay` in its metadata.
+    state["ema"] = nnx.to_pure_dict(nnx.state(ema_model))
+  return state
 
 
-def _load_pure_state(model: nnx.Module, optimizer: nnx.Optimizer | None, pure: dict) -> None:
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, pure["model"])
-  nnx.update(model, state)
-  if optimizer is not None:
-    state = nnx.state(optimizer)
-    nnx.replace_by_pure_dict(state, pure["optimizer"])
-    nnx.update(optimizer, state)
+def _load_pure_state(model: nnx.Module, optimizer: nnx.Optimizer | None, pure: dict,
+                     ema_model: nnx.Module | None = None) -> None:
+  targets = [(model, "model"), (optimizer, "optimizer"), (ema_model, "ema")]
+  for module, key in targets:
+    if module is not None:
+      state = nnx.state(module)
+      nnx.replace_by_pure_dict(state, pure[key])
+      nnx.update(module, state)
 
 
 def run_metadata(config: ml_collections.ConfigDict, mapping: pipeline.ClassMapping) -> dict:
@@ -56,6 +62,7 @@ def run_metadata(config: ml_collections.ConfigDict, mapping: pipeline.ClassMappi
       "image_size": config.image_size,
       "fold": config.data.fold,
       "num_folds": config.data.num_folds,
+      "ema_decay": config.get("ema_decay"),
   }
 
 
@@ -173,6 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(nnx.state((model, optimizer)), replicated)
   nnx.update((model, optimizer), state)
+  ema = steps.create_ema(config, model)
+  # What is evaluated, kept as best and tested: the averaged weights when there are any.
+  eval_model = model if ema is None else ema.apply_to(model)
+  ema_model = None if ema is None else eval_model
 
   per_process_batch = config.batch_size // jax.process_count()
   selections = {role: splits.Selection(role, config.data.fold, config.data.num_folds)
@@ -211,8 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   latest = ckpt.latest_step()
   if latest is not None:
     config_validation.check_checkpoint_metadata(ckpt.metadata(latest), metadata, workdir)
-    restored = ckpt.restore(latest, _pure_state(model, optimizer), train_iter)
-    _load_pure_state(model, optimizer, restored)
+    restored = ckpt.restore(latest, _pure_state(model, optimizer, ema_model), train_iter)
+    _load_pure_state(model, optimizer, restored, ema_model)
     start_step = latest
     if progress := ckpt.progress(latest).get("plateau"):
       plateau_state = plateau_lib.PlateauState.from_json(progress)
@@ -244,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           batch = next(train_iter)
           pending.append((step, train_step(model, optimizer, batch["image"], batch["label"],
                                            jax.random.fold_in(dropout_base, step), class_weights,
-                                           label_smoothing=config.label_smoothing)))
+                                           ema, label_smoothing=config.label_smoothing)))
         report_progress(step)
 
         if step % config.log_every_steps == 0 or step == last_step:
@@ -258,11 +269,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           _summarize(pending, ckpt.directory)  # never evaluate or keep a diverged model
           with report_progress.timed("eval"):
             report = evaluate.evaluate_split(
-                model, validation_source, mapping=mapping, image_size=config.image_size,
+                eval_model, validation_source, mapping=mapping, image_size=config.image_size,
                 batch_size=config.eval_batch_size, mesh=mesh,
                 selection=selections["validation"])
           _write_eval(writer, step, "validation", report, workdir)
-          _write_samples(writer, step, model, validation_source, mapping, config, mesh,
+          _write_samples(writer, step, eval_model, validation_source, mapping, config, mesh,
                          selections["validation"])
           eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
           previous_scale = plateau_state.lr_scale
@@ -281,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
             or step == last_step or stop_request.signal is not None or stopped_early):
           _summarize(pending, ckpt.directory)  # a non-finite state never replaces a good one
-          ckpt.save(step, _pure_state(model, optimizer), train_iter, metadata,
+          ckpt.save(step, _pure_state(model, optimizer, ema_model), train_iter, metadata,
                     metrics=eval_metrics, force=True,
                     progress={"plateau": plateau_state.to_json(), "stopped_early": stopped_early})
         if stopped_early:
@@ -309,11 +320,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if config.final_eval_checkpoint == "best" and ckpt.best_step() is not None:
     final_step = ckpt.best_step()
     if final_step != last_step:
-      _load_pure_state(model, None, ckpt.restore(final_step, _pure_state(model, optimizer)))
+      restored = ckpt.restore(final_step, _pure_state(model, optimizer, ema_model))
+      _load_pure_state(model, None, restored, ema_model)
   logging.info("Final evaluation on the test split with the %s checkpoint (step %d).",
                config.final_eval_checkpoint, final_step)
   report = evaluate.evaluate_split(
-      model, pipeline.role_source(builder, selections["test"]), mapping=mapping,
+      eval_model, pipeline.role_source(builder, selections["test"]), mapping=mapping,
       image_size=config.image_size, batch_size=config.eval_batch_size, mesh=mesh,
       selection=selections["test"])
   report["checkpoint_step"] = final_step

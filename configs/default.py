@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4  # decoupled weight decay (adamw only), not on biases or norms
   config.grad_clip_norm = 1.0  # clip the global gradient norm to this; None: no clipping
   config.label_smoothing = 0.0  # label smoothing of the cross-entropy
+  # Exponential moving average of the weights (and batch-norm statistics) with this decay, e.g.
+  # 0.999 (averages ~1,000 steps); validation, the best checkpoint, the test and prediction then
+  # use the averaged weights. None: off.
+  config.ema_decay = placeholder(float)
   # Reduce-on-plateau (what the old project's callback did) and early stopping, both on validation
   # balanced accuracy, counted in evaluations (every eval_every_steps); None: off. Early stopping
   # ends training; the final test evaluation then uses the best checkpoint.

@@ -34,7 +34,8 @@ def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, timeo
 
 
 def final_state(workdir: str, config) -> tuple[int, dict]:
-  """(step, numpy pytree of model and optimizer state) of the latest checkpoint in `workdir`."""
+  """(step, numpy pytree of the state) of the latest checkpoint in `workdir`: model, optimizer
+  and, for a config with `ema_decay`, the averaged weights (`ema`)."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
   model = train.create_model(config, 21)
@@ -42,6 +43,8 @@ def final_state(workdir: str, config) -> tuple[int, dict]:
       config, train.create_learning_rate_fn(config)), wrt=nnx.Param)
   target = {"model": nnx.to_pure_dict(nnx.state(model)),
             "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  if config.get("ema_decay"):
+    target["ema"] = target["model"]
   restored = ckpt.restore(step, target)
   ckpt.close()
   return step, jax.tree.map(np.asarray, restored)

@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from bmcc import train
 from configs import tiny
@@ -26,6 +27,7 @@ def cache_dir(tmp_path_factory):
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
   config = _tiny_config(cache_dir)
+  config.ema_decay = 0.9  # the average of the weights is resumed too, and is what is tested
   full = str(tmp_path / "full")
   report_full = train.train_and_evaluate(config, full)
 
@@ -40,6 +42,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
   step_parts, params_parts = helpers.final_state(parts, config)
   assert step_full == step_parts == 24
   jax.tree.map(np.testing.assert_array_equal, params_full, params_parts)  # bit for bit
+  assert set(params_full) == {"model", "optimizer", "ema"}
   with open(os.path.join(full, "eval_test.json")) as f1, \
        open(os.path.join(parts, "eval_test.json")) as f2:
     assert json.load(f1) == json.load(f2)
@@ -51,6 +54,15 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
 
   # Rerunning a finished run trains no further and reproduces the same report.
   assert train.train_and_evaluate(config, full) == report_full
+
+  # The test report is of the averaged weights, and evaluate/predict load them.
+  from bmcc import evaluate_checkpoint  # noqa: PLC0415
+  model, meta, step = evaluate_checkpoint.restore_model(full, "latest")
+  assert meta["ema_decay"] == 0.9 and step == 24
+  restored = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  jax.tree.map(np.testing.assert_array_equal, restored, params_full["ema"])
+  assert not np.array_equal(restored["head"]["kernel"], params_full["model"]["head"]["kernel"])
+  assert evaluate_checkpoint.evaluate_workdir(config, full, checkpoint="best") == report_full
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):

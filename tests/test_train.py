@@ -92,6 +92,8 @@ def test_weight_decay_only_on_kernels():
     ({"warmup_steps": 10_000}, "warmup_steps"),
     ({"lr_schedule": "step"}, "lr_schedule"),
     ({"final_eval_checkpoint": "first"}, "final_eval_checkpoint"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+    ({"ema_decay": 0.0}, "ema_decay"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, override, message):
   config = _config()
@@ -122,3 +124,43 @@ def test_checkpoint_metadata_mismatch_is_an_error():
   other = dict(same, classes=("BLA",))
   with pytest.raises(config_validation.ConfigError, match="classes"):
     config_validation.check_checkpoint_metadata(saved, other, "w")
+
+
+def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
+  config = _config(warmup_steps=0, ema_decay=0.5)
+  mesh = train.create_mesh(jax.devices()[:4])
+  model = train.create_model(config, 21)
+  optimizer = nnx.Optimizer(
+      model, train.create_optimizer(config, train.create_learning_rate_fn(config)),
+      wrt=nnx.Param)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), replicated))
+  ema = train.steps.create_ema(config, model)
+  ema_model = ema.apply_to(model)
+  tracked = (nnx.Param, nnx.BatchStat)
+
+  def numpy_state(m):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, tracked)))
+
+  expected = numpy_state(model)
+  rng = np.random.default_rng(0)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with jax.set_mesh(mesh):
+    for step in range(1, 4):
+      images = rng.integers(0, 255, (8, 24, 24, 3), dtype=np.uint8)
+      labels = rng.integers(0, 21, (8,), dtype=np.int32)
+      train.train_step(model, optimizer, jax.device_put(images, sharding),
+                       jax.device_put(labels, sharding), jax.random.key(step), None, ema)
+      # ema <- d * ema + (1 - d) * weights after the update, batch-norm statistics included.
+      expected = jax.tree.map(lambda e, w: 0.5 * e + 0.5 * w, expected, numpy_state(model))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               numpy_state(ema_model), expected)
+  kernel = ema_model.blocks[0].conv1.kernel.get_value()
+  assert kernel.sharding.is_equivalent_to(replicated, kernel.ndim)
+  assert not np.allclose(kernel, model.blocks[0].conv1.kernel.get_value())
+  # The model itself is untouched by the average: it is what the optimizer moved.
+  assert np.asarray(model.blocks[0].norm1.mean.get_value()).any()
+
+
+def test_no_ema_without_a_decay():
+  assert train.steps.create_ema(_config(), nnx.Linear(2, 2, rngs=nnx.Rngs(0))) is None
