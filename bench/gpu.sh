@@ -4,7 +4,8 @@
 #   bash bench/gpu.sh                       # on the GPU machine, from anywhere in the repo
 #   BMCC_GPU_SH_SMOKE=1 BMCC_GPU_SH_BUDGET=900 bash bench/gpu.sh  # the logic, on a CPU (tiny.py)
 #
-# Rows: (1) ResNet-50, 224 px, bf16, batch 256, on a device-resident random batch (the step alone);
+# Rows: (1) ResNet-50, 224 px, bf16, batch 256 (configs/resnet50.py: its step updates the weight
+# average too), on a device-resident random batch (the step alone);
 # (2) the same step fed by our full grain input pipeline (decode + augment in 8 worker processes)
 # over a prepared synthetic dataset of 250 x 250 JPEGs, and the ratio (2)/(1); (3) the input
 # pipeline alone on the host (bench/input_pipeline.py, if present: the same dataset, image size,
@@ -79,7 +80,7 @@ else
   SYNTHETIC_STEPS=(--warmup 5 --steps 30)
   # The warm-up outlasts the workers' start; the timed steps outnumber the batches they read ahead.
   PIPELINE_STEPS=(--warmup 16 --steps 60)
-  RESNET_LABEL="ResNet-50, 224 px, bf16, batch 256"
+  RESNET_LABEL="ResNet-50, 224 px, bf16, batch 256, EMA"  # configs/resnet50.py keeps an EMA
   # ResNet-50's data settings on the synthetic set that train_step.py --input=pipeline prepares
   # (demo's spec: the same digest, so the same prepared dataset in ~/.cache/bmcc).
   PIPELINE=(--config configs/demo.py --config.image_size=224 --config.batch_size=256

@@ -61,6 +61,8 @@ def _save_model(config, workdir: str) -> None:
   mapping = pipeline.ClassMapping.create(config.data.classes)
   model = train.create_model(config, mapping.num_classes)
   state = {"model": nnx.to_pure_dict(nnx.state(model))}
+  if config.get("ema_decay"):  # prediction reads the weight average of such a run
+    state["ema"] = state["model"]
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(0, state, iter(grain.MapDataset.range(1).to_iter_dataset()),
             train.run_metadata(config, mapping), force=True)

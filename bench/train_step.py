@@ -19,13 +19,13 @@ real class sizes), and go to the devices as `bmcc.train` does (`--device_prefetc
 pipeline holds the step back. Grain and TFDS are imported only in this mode; the warm-up should
 outlast the pipeline's start, and the timed steps the batches it reads ahead.
 
-Both modes compile one program: `bmcc.steps.train_step` (the step training runs) inside `jax.jit`
-over the `nnx.split` state, ahead of time, and time that program, so no NNX Python overhead is
-counted. The FLOPs per image come from XLA's cost analysis of the compiled program (per device,
-divided by the per-device batch); the unoptimised HLO's count of the step and of the eval-mode
-forward pass is printed beside it. The fraction of peak uses a small table of dense peak TFLOP/s
-per device kind ('n/a' for devices not in it, the CPU included). The last line is
-`images_per_second=<float>`.
+Both modes compile one program: `bmcc.steps.train_step` (the step training runs, with the weight
+average when the config has `ema_decay`) inside `jax.jit` over the `nnx.split` state, ahead of
+time, and time that program, so no NNX Python overhead is counted. The FLOPs per image come from
+XLA's cost analysis of the compiled program (per device, divided by the per-device batch); the
+unoptimised HLO's count of the step and of the eval-mode forward pass is printed beside it. The
+fraction of peak uses a small table of dense peak TFLOP/s per device kind ('n/a' for devices not
+in it, the CPU included). The last line is `images_per_second=<float>`.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ def main(argv: list[str]) -> None:
   num_classes = _num_classes(config)
   print(f"device={kind} x{len(devices)} ({devices[0].platform}) processes={jax.process_count()}")
   print(f"model={config.model} image_size={size} global_batch={batch} "
-        f"per_device_batch={per_device_batch} dtype={dtype} input={FLAGS.input}", flush=True)
+        f"per_device_batch={per_device_batch} dtype={dtype} input={FLAGS.input} "
+        f"ema_decay={config.get('ema_decay')}", flush=True)
 
   mesh = steps.create_mesh()
   replicated = NamedSharding(mesh, P())
@@ -193,7 +194,8 @@ def main(argv: list[str]) -> None:
   optimizer = nnx.Optimizer(
       model, steps.create_optimizer(config, steps.create_learning_rate_fn(config)), wrt=nnx.Param)
   model_graph, model_state = nnx.split(model)
-  graphdef, state = nnx.split((model, optimizer))
+  ema = steps.create_ema(config, model)  # the weight average, if the config keeps one
+  graphdef, state = nnx.split((model, optimizer, ema))
   state = jax.device_put(state, replicated)
   num_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"parameters={num_params:,} (built in {time.time() - start:.1f} s)", flush=True)
@@ -201,10 +203,10 @@ def main(argv: list[str]) -> None:
   label_smoothing = config.label_smoothing
 
   def pure_step(state, images, labels, dropout_key):
-    model, optimizer = nnx.merge(graphdef, state)
-    metrics = steps.train_step(model, optimizer, images, labels, dropout_key,
+    model, optimizer, ema = nnx.merge(graphdef, state)
+    metrics = steps.train_step(model, optimizer, images, labels, dropout_key, None, ema,
                                label_smoothing=label_smoothing)
-    return nnx.state((model, optimizer)), metrics
+    return nnx.state((model, optimizer, ema)), metrics
 
   def forward(model_state, images):
     model = nnx.merge(model_graph, model_state)

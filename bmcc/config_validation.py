@@ -40,6 +40,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"config.{key}={value} must be a positive multiple of the device count ({devices}).")
   if not isinstance(config.image_size, int) or not 16 <= config.image_size <= 1024:
     raise ConfigError(f"config.image_size={config.image_size} must be an integer in 16..1024.")
+  smallest = models.min_image_size(config.model, config.model_config.to_dict())
+  if config.image_size < smallest:
+    raise ConfigError(
+        f"config.image_size={config.image_size} is too small for {config.model}, whose blocks "
+        f"each halve the size: use at least {smallest}, or fewer blocks "
+        "(config.model_config.features).")
   if config.num_train_steps <= 0:
     raise ConfigError(f"config.num_train_steps={config.num_train_steps} must be positive.")
   if not 0 <= config.warmup_steps <= config.num_train_steps:
@@ -59,8 +65,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not 0 < config.get("plateau_factor", 0.5) < 1:
     raise ConfigError(f"config.plateau_factor={config.plateau_factor} must be in (0, 1).")
   ema_decay = config.get("ema_decay")
-  if ema_decay is not None and not (isinstance(ema_decay, float) and 0 < ema_decay < 1):
-    raise ConfigError(f"config.ema_decay={ema_decay!r} must be a float in (0, 1), or None.")
+  if ema_decay is not None and not (isinstance(ema_decay, int | float) and 0 <= ema_decay < 1):
+    raise ConfigError(f"config.ema_decay={ema_decay!r} must be in [0, 1) (0 or None: off).")
   if config.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"config.optimizer={config.optimizer!r}: use adam or adamw.")
   if config.final_eval_checkpoint not in ("best", "latest"):

@@ -13,11 +13,11 @@ Stated bar (tests/test_end_to_end.py): test balanced accuracy >= 0.60."""
 
 import ml_collections
 
-from configs import default
+from configs import simple_cnn
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+  config = simple_cnn.get_config()
   config.data.synthetic = ml_collections.ConfigDict({
       "scale": 0.012,  # images per class as a fraction of the real class sizes
       "minimum": 40,  # but at least this many per class

@@ -1,9 +1,9 @@
 """SimpleCNN, the old project's design, at native resolution (250 px) on the real dataset.
 
-Default's recipe: five conv blocks (32..512 channels), dense 256 with dropout 0.3, AdamW at 1e-3
-with 1,000 warm-up steps and cosine decay, batch 128, 32,000 steps (about 30 epochs of the ~137k
-training images), float32. Put the download in `~/tensorflow_datasets/downloads/manual/` (or pass
---config.data.manual_dir), then:
+Five conv blocks (32..512 channels), dense 256 with dropout 0.3, float32; AdamW at 1e-3 (weight
+decay 1e-4) with 1,000 warm-up steps and cosine decay, batch 128, 32,000 steps (about 30 epochs of
+the ~137k training images), natural sampling, no label smoothing, no weight average. Put the
+download in `~/tensorflow_datasets/downloads/manual/` (or pass --config.data.manual_dir), then:
 
   python main.py --config configs/simple_cnn.py --workdir runs/simple_cnn
 
@@ -22,9 +22,26 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Default's recipe, named for the model; more decoding workers for a GPU machine."""
+  """Default's keys with the simple CNN and the plain recipe; `demo.py` and `tiny.py` start here."""
   config = default.get_config()
-  config.model = "simple_cnn"
   config.image_size = 250  # native resolution: no resize beyond the random crop
-  config.data.num_workers = 8  # grain worker processes decoding JPEGs (a GPU machine's cores)
+  config.model = "simple_cnn"
+  # Replaces default's ResNeXt keys: only what SimpleCNN's constructor accepts.
+  config.model_config = ml_collections.ConfigDict({
+      "features": (32, 64, 128, 256, 512),  # channels of each conv block (each halves the size)
+      "dense": 256,  # width of the dense layer before the classifier
+      "dropout": 0.3,  # dropout rate before the classifier
+      "dtype": "float32",  # compute dtype; parameters stay float32
+  })
+  config.data.balance_alpha = 0.0  # natural sampling: shuffled epochs
+  config.batch_size = 128
+  config.eval_batch_size = 256
+  config.num_train_steps = 32_000  # about 30 epochs of ~137k training images at batch 128
+  config.learning_rate = 1e-3
+  config.warmup_steps = 1_000
+  config.weight_decay = 1e-4
+  config.label_smoothing = 0.0
+  config.ema_decay = None
+  config.eval_every_steps = 2_000
+  config.checkpoint_every_steps = 1_000
   return config

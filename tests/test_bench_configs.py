@@ -67,7 +67,7 @@ def test_config_model_builds_abstractly_and_maps_images_to_logits(name):
   assert logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnext50"])
+@pytest.mark.parametrize("name", ["default", "resnet50", "resnext50"])
 def test_resnet_recipes(name):
   config = _config(name)
   assert config.image_size == 224 and config.batch_size == 256
@@ -77,6 +77,29 @@ def test_resnet_recipes(name):
   assert config.weight_decay == 0.05 and config.label_smoothing == 0.1
   epoch = 137_000 // config.batch_size
   assert config.warmup_steps == 2 * epoch and config.num_train_steps == 30 * epoch
+  assert config.eval_every_steps == 2 * epoch and config.checkpoint_every_steps == epoch
+
+
+def test_default_is_the_argued_recipe_and_the_variants_differ_from_it_as_documented():
+  default, resnet, resnext, simple = (_config(n) for n in
+                                      ("default", "resnet50", "resnext50", "simple_cnn"))
+  assert default.model == "resnext50_32x4d"
+  assert default.data.balance_alpha == 0.5 and default.ema_decay == 0.999
+  # resnet50.py: only the model differs.
+  resnet.model = default.model
+  assert resnet.to_dict() == default.to_dict()
+  # resnext50.py: Matek's model without the two imbalance measures.
+  assert resnext.data.balance_alpha == 0.0 and resnext.ema_decay is None
+  resnext.data.balance_alpha, resnext.ema_decay = 0.5, 0.999
+  assert resnext.to_dict() == default.to_dict()
+  # simple_cnn.py: the plain recipe (demo.py and tiny.py start from it).
+  assert simple.model == "simple_cnn" and simple.image_size == 250
+  assert simple.data.balance_alpha == 0.0 and simple.ema_decay is None
+  assert simple.label_smoothing == 0.0 and simple.model_config.dtype == "float32"
+  for name in ("demo", "tiny"):
+    small = _config(name)
+    assert small.ema_decay is None and small.data.balance_alpha == 0.0
+    assert small.data.synthetic is not None
 
 
 def test_train_step_benchmark_runs_without_tensorflow():

@@ -21,14 +21,19 @@ def _config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _run_steps(devices, batches, config):
-  mesh = train.create_mesh(devices)
+def _replicated_model_and_optimizer(config, mesh):
   model = train.create_model(config, 21)
   optimizer = nnx.Optimizer(
       model, train.create_optimizer(config, train.create_learning_rate_fn(config)),
       wrt=nnx.Param)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), replicated))
+  return model, optimizer, replicated
+
+
+def _run_steps(devices, batches, config):
+  mesh = train.create_mesh(devices)
+  model, optimizer, _ = _replicated_model_and_optimizer(config, mesh)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   losses = []
   with jax.set_mesh(mesh):
@@ -93,7 +98,7 @@ def test_weight_decay_only_on_kernels():
     ({"lr_schedule": "step"}, "lr_schedule"),
     ({"final_eval_checkpoint": "first"}, "final_eval_checkpoint"),
     ({"ema_decay": 1.0}, "ema_decay"),
-    ({"ema_decay": 0.0}, "ema_decay"),
+    ({"ema_decay": -0.1}, "ema_decay"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, override, message):
   config = _config()
@@ -101,6 +106,15 @@ def test_bad_configs_fail_before_any_work(tmp_path, override, message):
     config[key] = value
   with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate(config, str(tmp_path))
+
+
+def test_image_too_small_for_the_simple_cnn_blocks(tmp_path):
+  config = _config(image_size=16)
+  config.model_config.features = (8, 8, 8, 8, 8)  # 16 -> 8 -> 4 -> 2 -> 1 -> 0 pixels
+  with pytest.raises(config_validation.ConfigError, match="use at least 32"):
+    config_validation.validate(config, str(tmp_path))
+  config.image_size = 32
+  config_validation.validate(config, str(tmp_path))
 
 
 def test_bad_class_list_and_workdir(tmp_path):
@@ -129,12 +143,7 @@ def test_checkpoint_metadata_mismatch_is_an_error():
 def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
   config = _config(warmup_steps=0, ema_decay=0.5)
   mesh = train.create_mesh(jax.devices()[:4])
-  model = train.create_model(config, 21)
-  optimizer = nnx.Optimizer(
-      model, train.create_optimizer(config, train.create_learning_rate_fn(config)),
-      wrt=nnx.Param)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), replicated))
+  model, optimizer, replicated = _replicated_model_and_optimizer(config, mesh)
   ema = train.steps.create_ema(config, model)
   ema_model = ema.apply_to(model)
   tracked = (nnx.Param, nnx.BatchStat)
@@ -163,4 +172,6 @@ def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
 
 
 def test_no_ema_without_a_decay():
-  assert train.steps.create_ema(_config(), nnx.Linear(2, 2, rngs=nnx.Rngs(0))) is None
+  linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  assert train.steps.create_ema(_config(), linear) is None
+  assert train.steps.create_ema(_config(ema_decay=0.0), linear) is None

@@ -29,6 +29,18 @@ def available() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def min_image_size(name: str, model_config: dict[str, Any]) -> int:
+  """The smallest square input `name` with `model_config` maps to a non-empty feature map.
+
+  SimpleCNN halves the size once per block (a 16 px input to its five default blocks would
+  leave 0 x 0 pixels and a NaN loss); the ResNets pad, so any size leaves at least 1 x 1.
+  """
+  if name == "simple_cnn":
+    features = model_config.get("features", SimpleCNN.DEFAULT_FEATURES)
+    return 2 ** len(features)
+  return 1
+
+
 def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
   """Builds the model registered as `name`; raises ValueError listing the names otherwise."""
   if name not in _REGISTRY:

@@ -30,8 +30,10 @@ class ConvBlock(nnx.Module):
 class SimpleCNN(nnx.Module):
   """Conv blocks of widths `features`, global average pooling, dense + dropout, linear head."""
 
+  DEFAULT_FEATURES = (32, 64, 128, 256)
+
   def __init__(self, *, num_classes: int, rngs: nnx.Rngs,
-               features: Sequence[int] = (32, 64, 128, 256), dense: int = 256,
+               features: Sequence[int] = DEFAULT_FEATURES, dense: int = 256,
                dropout: float = 0.3, dtype: str = "float32"):
     compute_dtype = jnp.dtype(dtype)
     widths = [3, *features]
