@@ -23,9 +23,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python main.py --config configs/demo.py --workdir $(WORKDIR)
 
+# Two pytest workers (pytest-xdist): the suite is mostly single-threaded compilation and
+# subprocess start-up, so two workers use both cores of a small machine.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir workdirs

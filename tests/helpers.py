@@ -13,11 +13,19 @@ from bmcc import checkpointing, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli_env(devices: int = 1) -> dict[str, str]:
+# Skips LLVM's optimisation passes: CPU compilations take a fraction of the time; the programs
+# compute the same maths (runs compared in one test all use the same flags).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def cli_env(devices: int = 1, fast_compile: bool = True) -> dict[str, str]:
   """The environment for a main.py subprocess with `devices` CPU devices."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  flags = [FAST_COMPILE] if fast_compile else []
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  if flags:
+    env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
@@ -27,10 +35,11 @@ def main_command(config: str, workdir: str, *overrides: str) -> list[str]:
           os.path.join(REPO, "configs", config), "--workdir", workdir, *overrides]
 
 
-def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, timeout: int = 600
-             ) -> subprocess.CompletedProcess:
-  return subprocess.run(main_command(config, workdir, *overrides), cwd=REPO, env=cli_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, timeout: int = 600,
+             fast_compile: bool = True) -> subprocess.CompletedProcess:
+  return subprocess.run(main_command(config, workdir, *overrides), cwd=REPO,
+                        env=cli_env(devices, fast_compile), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def final_state(workdir: str, config) -> tuple[int, dict]:

@@ -15,9 +15,7 @@ ArrayRecord. `test_array_record_build` builds the same dummy data as ArrayRecord
 `prepare()` uses, and reads it back with `as_data_source`, the project's read path.
 
 `tfds.testing` imports `dill` at module level (tensorflow_datasets/testing/feature_test_case.py,
-TFDS 4.9.10), which is not a dependency of this project; only FeatureExpectationsTestCase calls it.
-Without dill, a placeholder that raises on any use stands in while `tfds.testing` is imported, and
-is removed from `sys.modules` right after. Adding `dill` to the `test` extras makes it unneeded.
+TFDS 4.9.10): it is in the `test` extras for that reason alone.
 
 Regenerate the dummy data with `PYTHONPATH=. python tests/test_builder_testcase.py`
 (deterministic for one Pillow version).
@@ -25,10 +23,8 @@ Regenerate the dummy data with `PYTHONPATH=. python tests/test_builder_testcase.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
-import types
 
 import tensorflow_datasets as tfds
 
@@ -70,27 +66,7 @@ def write_dummy_data(root: pathlib.Path = DUMMY_DATA) -> None:
     path.write_bytes(data)
 
 
-class _Missing(types.ModuleType):
-  """Stands in for a module that is not installed; any use raises ModuleNotFoundError."""
-
-  def __getattr__(self, name: str):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    raise ModuleNotFoundError(f"{self.__name__} is not installed (used: {self.__name__}.{name})")
-
-
-def _dataset_builder_test_case() -> type:
-  """tfds.testing.DatasetBuilderTestCase, importable without dill (see the module docstring)."""
-  if "dill" in sys.modules or importlib.util.find_spec("dill") is not None:
-    return tfds.testing.DatasetBuilderTestCase
-  sys.modules["dill"] = _Missing("dill")
-  try:
-    return tfds.testing.DatasetBuilderTestCase
-  finally:
-    del sys.modules["dill"]
-
-
-class BoneMarrowBuilderTest(_dataset_builder_test_case()):
+class BoneMarrowBuilderTest(tfds.testing.DatasetBuilderTestCase):
   """Builds the dummy download with TFDS's checks (registration, info, splits, as_dataset)."""
 
   DATASET_CLASS = bone_marrow.Builder

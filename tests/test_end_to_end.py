@@ -89,7 +89,7 @@ def test_demo_command_reaches_its_stated_balanced_accuracy(tmp_path, cache_dir):
   """`python main.py --config configs/demo.py` on one CPU device, as the README runs it."""
   workdir = str(tmp_path / "demo")
   result = helpers.run_main("demo.py", workdir, f"--config.data.cache_dir={cache_dir}",
-                            timeout=900)
+                            timeout=900, fast_compile=False)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval_test.json")) as f:
     report = json.load(f)
