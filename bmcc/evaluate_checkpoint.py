@@ -18,9 +18,9 @@ from bmcc.data import loading, pipeline, splits
 def restore_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
   """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
 
-  With `ema_decay` in the metadata, the model holds the averaged weights. The model is built
-  from the metadata saved with the checkpoint (model name, its config, the
-  classes), so it does not depend on the config the caller passes. It is built abstractly
+  With `ema_decay` in the metadata, the model holds the averaged weights. The model is built from
+  the metadata saved with the checkpoint (model name, its config, the classes), so it does not
+  depend on the config the caller passes. It is built abstractly
   (`nnx.eval_shape`) and its arrays come straight from the checkpoint: running the random
   initialisers only to overwrite them would cost many seconds of compilation on a CPU.
   """

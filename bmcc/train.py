@@ -62,7 +62,7 @@ def run_metadata(config: ml_collections.ConfigDict, mapping: pipeline.ClassMappi
       "image_size": config.image_size,
       "fold": config.data.fold,
       "num_folds": config.data.num_folds,
-      "ema_decay": config.get("ema_decay"),
+      "ema_decay": config.get("ema_decay") or None,  # 0 and None both mean no average
   }
 
 
