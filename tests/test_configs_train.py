@@ -4,7 +4,8 @@ Each config keeps its model (full size: ResNeXt-50 has its 23M parameters), comp
 optimizer, schedule shape, label smoothing, class-balanced sampling and weight average; only the
 scale shrinks (the tiny synthetic dataset, 32 px, batch 4 over the four fake CPU devices, 2 steps,
 no worker processes), so a key the training loop or the model does not handle, or a recipe that
-breaks on resume, evaluation or the final test, fails here rather than an hour into a GPU run.
+breaks in validation, checkpointing or the final test, fails here rather than an hour into a GPU
+run. (Exact resume, with the weight average on, is tested in tests/test_end_to_end.py.)
 """
 
 from __future__ import annotations
