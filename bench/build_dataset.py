@@ -40,14 +40,15 @@ _CHILD_IMPORTS = "import tensorflow_datasets; from bmcc.data import bone_marrow,
 
 def _counts(num_images: int) -> dict[str, int]:
   """Per-class counts in the real proportions, summing to about `num_images` (each class >= 1)."""
-  from bmcc.data import classes, synthetic
+  from bmcc import synthetic
+  from bmcc.data import classes
 
   return synthetic.default_counts(scale=num_images / classes.TOTAL_IMAGES, minimum=1)
 
 
 def _write_download(workdir: str, num_images: int, layout: str, zip_archive: bool) -> str:
   """Writes (or reuses) the synthetic download; returns the manual dir to prepare from."""
-  from bmcc.data import synthetic
+  from bmcc import synthetic
 
   manual_dir = os.path.join(workdir, "download")
   spec = {"counts": _counts(num_images), "layout": layout, "zip": zip_archive, "seed": 0}

@@ -80,7 +80,8 @@ def _ours(config, source, selection, mapping, batch_size: int, num_workers: int)
 
 def _training_files(config, source) -> tuple[list, list[int]]:
   """(paths or bytes, dataset labels) of the training records, as tf.data reads them."""
-  from bmcc.data import loading, synthetic
+  from bmcc import synthetic
+  from bmcc.data import loading
 
   labels, inputs = [], []
   _, manual_dir = loading.dataset_dirs(config.data)

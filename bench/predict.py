@@ -38,7 +38,8 @@ flags.DEFINE_integer("repeats", 3, "Timed runs of each measurement; the fastest 
 
 
 def _write_images(folder: str, n: int) -> list[str]:
-  from bmcc.data import classes, synthetic
+  from bmcc import synthetic
+  from bmcc.data import classes
 
   paths = []
   for i in range(n):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmcc.data import augment, pipeline, synthetic
+from bmcc import synthetic
+from bmcc.data import augment, pipeline
 from configs import default
 
 NO_OPS = augment.AugmentConfig(dihedral=False, crop_scale=(1.0, 1.0), color_jitter=0.0,

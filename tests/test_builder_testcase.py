@@ -3,7 +3,7 @@
 The dummy data in `bmcc/data/bone_marrow/dummy_data/` is a tiny Kaggle download, unzipped: the
 folder `bone_marrow_cell_dataset/` with range folders for two large classes (BLA, NGS, including
 NGS's last range folder `29001-29424`), flat files for two small classes (ABE, BAS), and
-`abbreviations.csv` beside it. The 32 x 32 JPEGs are synthetic (`bmcc.data.synthetic`). One file
+`abbreviations.csv` beside it. The 32 x 32 JPEGs are synthetic (`bmcc.synthetic`). One file
 has a stem from the known-bad list (a valid image, left out) and one is a truncated JPEG (skipped).
 Stems were picked with `bmcc.data.splits.split_of` so that every split gets images.
 DatasetBuilderTestCase points the builder's manual dir at that folder (the builder has
@@ -28,7 +28,8 @@ import sys
 
 import tensorflow_datasets as tfds
 
-from bmcc.data import bone_marrow, splits, synthetic
+from bmcc import synthetic
+from bmcc.data import bone_marrow, splits
 
 DUMMY_DATA = pathlib.Path(bone_marrow.__file__).parent / "dummy_data"
 CLASS_ROOT = "bone_marrow_cell_dataset"

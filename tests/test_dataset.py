@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmcc.data import classes, discovery, pipeline, splits, synthetic
+from bmcc import synthetic
+from bmcc.data import classes, discovery, pipeline, splits
 from bmcc.data.bone_marrow import KNOWN_BAD_FILES, Builder, prepare
 from bmcc.data.validation import BadImageError, validate_jpeg
 

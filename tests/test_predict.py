@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from bmcc import checkpointing, evaluate, predict, train
-from bmcc.data import pipeline, synthetic
+from bmcc import checkpointing, evaluate, predict, synthetic, train
+from bmcc.data import pipeline
 from configs import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

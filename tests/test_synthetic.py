@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from bmcc.data import classes, synthetic
+from bmcc import synthetic
+from bmcc.data import classes
+from bmcc.synthetic import cli as synthetic_cli
 
 # Written by the module-scoped fixtures below with range_size=50 and corrupt=True. NGS and EBO have
 # range folders; ABE and BAS are flat. The zero-byte and the truncated file go to the largest
@@ -89,8 +91,9 @@ def test_default_range_size_names_folders_like_the_real_data():
   for n in (1000, 1001, 3055, 9968, 29424):
     for i in sorted({1, 999, 1000, 1001, n // 2, n - 1, n}):
       if 1 <= i <= n:
-        rel = synthetic.relative_path("NGS", i, n)
-        assert rel == f"NGS/{classes.range_folder(i, n)}/NGS_{i:05d}.jpg"
+        start = (i - 1) // 1000 * 1000 + 1
+        expected = f"NGS/{start:04d}-{min(start + 999, n):04d}/NGS_{i:05d}.jpg"
+        assert synthetic.relative_path("NGS", i, n) == expected
   assert synthetic.relative_path("NGB", 9968, 9968) == "NGB/9001-9968/NGB_09968.jpg"
   assert synthetic.relative_path("ART", 19001, 19630) == "ART/19001-19630/ART_19001.jpg"
   for code in classes.FLAT_CLASSES:
@@ -241,7 +244,7 @@ def test_bad_arguments(tmp_path):
 
 def test_command_line(tmp_path, capsys):
   out = tmp_path / "out"
-  assert synthetic.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--corrupt",
+  assert synthetic_cli.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--corrupt",
                          "--layout", "tcia"]) == 0
   printed = capsys.readouterr().out
   assert "images/s" in printed and "corrupt: BM_cytomorphology_data/" in printed
@@ -249,5 +252,5 @@ def test_command_line(tmp_path, capsys):
     jpgs = [n for n in zf.namelist() if n.endswith(".jpg")]
   assert len(jpgs) == sum(synthetic.default_counts(0.0002, 1).values()) + 3
   with pytest.raises(SystemExit) as exit_info:  # Exists already: a usage error, not a traceback.
-    synthetic.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--layout", "tcia"])
+    synthetic_cli.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--layout", "tcia"])
   assert exit_info.value.code == 2

@@ -68,14 +68,3 @@ def validate_codes(codes: Sequence[str]) -> tuple[str, ...]:
   if not codes:
     raise ValueError(f"The class list is empty. Valid codes are: {', '.join(CODES)}.")
   return codes
-
-
-def range_folder(index: int, count: int) -> str:
-  """The range folder of the 1-based image `index` in a class of `count` images, e.g. '0001-1000'.
-
-  Matches the published layout: folders of 1,000 files, the last ending at the class count
-  ('9001-9968'), numbers zero-padded to 4 digits.
-  """
-  start = (index - 1) // 1000 * 1000 + 1
-  end = min(start + 999, count)
-  return f"{start:04d}-{end:04d}"

@@ -3,7 +3,7 @@
 Real data: the prepared TFDS dataset in `data.data_dir`; if it is missing but a download is in
 `data.manual_dir`, it is prepared first (with progress); if neither is there, DatasetNotFoundError
 says where to put what. Synthetic data (`data.synthetic` set): written once into `data.cache_dir`
-by `bmcc.data.synthetic`, then prepared by the same builder as the real download.
+by `bmcc.synthetic`, then prepared by the same builder as the real download.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from bmcc.data import bone_marrow, discovery
-from bmcc.data import synthetic as synthetic_lib
+from bmcc.synthetic import write_demo_dataset
 
 DatasetNotFoundError = discovery.DatasetNotFoundError
 
@@ -44,9 +44,7 @@ def _ensure_synthetic_download(manual_dir: str, spec: ml_collections.ConfigDict)
   logging.info("Writing the synthetic dataset into %s ...", manual_dir)
   tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
   try:
-    counts = synthetic_lib.default_counts(scale=spec.scale, minimum=spec.minimum)
-    synthetic_lib.write_synthetic_dataset(tmp, counts, layout="kaggle", corrupt=True,
-                                          seed=spec.seed)
+    write_demo_dataset(tmp, scale=spec.scale, minimum=spec.minimum, seed=spec.seed)
     os.replace(tmp, manual_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
