@@ -252,5 +252,6 @@ def test_command_line(tmp_path, capsys):
     jpgs = [n for n in zf.namelist() if n.endswith(".jpg")]
   assert len(jpgs) == sum(synthetic.default_counts(0.0002, 1).values()) + 3
   with pytest.raises(SystemExit) as exit_info:  # Exists already: a usage error, not a traceback.
-    synthetic_cli.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--layout", "tcia"])
+    synthetic_cli.main([str(out), "--scale", "0.0002", "--minimum", "1", "--zip", "--layout",
+                        "tcia"])
   assert exit_info.value.code == 2
