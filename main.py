@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
 
   from bmcc import config_validation
   from bmcc.data import discovery
-  from bmcc.train import TrainingInterrupted
+  from bmcc.preemption import TrainingInterrupted
 
   config = FLAGS.config
   if FLAGS.mode in ("train", "evaluate"):
@@ -76,8 +76,8 @@ def main(argv: list[str]) -> int:
       from bmcc import train
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
-      from bmcc import evaluate_checkpoint
-      evaluate_checkpoint.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
+      from bmcc import evaluate
+      evaluate.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
                                            checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
     elif FLAGS.mode == "predict":
       if len(argv) < 2:
@@ -103,5 +103,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -10,8 +10,8 @@
 # over a prepared synthetic dataset of 250 x 250 JPEGs, and the ratio (2)/(1); (3) the input
 # pipeline alone on the host (bench/input_pipeline.py, if present: the same dataset, image size,
 # batch and workers); (4) the simple CNN (configs/simple_cnn.py, 250 px, float32, batch 128) on a
-# device-resident batch; (5) as (2) with batches put on the device by a
-# background thread (pipeline.prefetch_to_device). Each row is one run of bench/train_step.py
+# device-resident batch. (2) reads batches exactly as training does (a thread puts them on the
+# devices ahead of the step). Each row is one run of bench/train_step.py
 # (or bench/input_pipeline.py) under its own `timeout`; the whole script stops starting runs when
 # its budget (BMCC_GPU_SH_BUDGET seconds, default 450) is spent. A run that fails or times out
 # shows as such in the table; the others still run. The table is printed at the end and written
@@ -156,9 +156,6 @@ else
 fi
 measure cnn_synthetic "$CNN_LABEL" "in-memory batch" 120 \
   "$PYTHON" bench/train_step.py "${CNN[@]}" "${SYNTHETIC_STEPS[@]}"
-measure resnet_prefetch "$RESNET_LABEL" "grain pipeline + prefetch_to_device(2)" 90 \
-  "$PYTHON" bench/train_step.py "${RESNET[@]}" --input=pipeline --device_prefetch 2 \
-  "${PIPELINE_STEPS[@]}"
 
 ratio="$(awk -v p="${IPS[resnet_pipeline]:-n/a}" -v s="${IPS[resnet_synthetic]:-n/a}" \
   'BEGIN { if (p + 0 > 0 && s + 0 > 0) printf "%.3f", p / s; else print "n/a" }')"

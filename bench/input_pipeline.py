@@ -16,7 +16,7 @@ bytes from the data source held in memory; `decode_and_crop_jpeg` with a random 
 `sample_distorted_bounding_box` (same scale and ratio ranges), resize to the image size, random
 flip and rot90, brightness/contrast/saturation/hue jitter of the same strength, uint8, batch,
 prefetch, AUTOTUNE parallelism (TensorFlow's standard ImageNet-style input). It has no Gaussian
-blur. `--compare_decoders` times JPEG decoding alone: PIL (`pipeline.decode_image`, evaluation's),
+blur. `--compare_decoders` times JPEG decoding alone: PIL (`decode_image`, evaluation's),
 OpenCV at reduced DCT scale (training's) and simplejpeg if installed.
 
 The LAST line is `images_per_second=<float>`: tf.data's with `--baseline=tfdata`, else ours (the
@@ -62,14 +62,14 @@ def _time_batches(iterator, batch_size: int) -> float:
   return FLAGS.num_batches * batch_size / elapsed
 
 
-def _ours(config, source, selection, mapping, batch_size: int, num_workers: int) -> float:
+def _ours(config, source, records, mapping, batch_size: int, num_workers: int) -> float:
   from bmcc.data import augment, pipeline
 
   kwargs = {} if FLAGS.read_threads is None else {"read_threads": FLAGS.read_threads}
   ds = pipeline.train_dataset(
       source, mapping=mapping, image_size=config.image_size, batch_size=batch_size,
       seed=config.seed, augment=augment.AugmentConfig.from_config(config.data) or False,
-      num_workers=num_workers, selection=selection, balance_alpha=config.data.balance_alpha,
+      num_workers=num_workers, records=records, balance_alpha=config.data.balance_alpha,
       **kwargs)
   iterator = iter(ds)
   try:
@@ -150,7 +150,8 @@ def _compare_decoders(source) -> None:
 
   import cv2
 
-  from bmcc.data import augment, pipeline
+  from bmcc.data import augment
+  from bmcc.data.decode import decode_image
 
   datas = [bytes(source[i]["image"]) for i in range(min(256, len(source)))]
 
@@ -164,7 +165,7 @@ def _compare_decoders(source) -> None:
   def opencv(data, size):
     return cv2.cvtColor(resize(augment._decode(data, size), size), cv2.COLOR_BGR2RGB)
 
-  decoders = {"PIL draft + antialiased bilinear (eval)": pipeline.decode_image,
+  decoders = {"PIL draft + antialiased bilinear (eval)": decode_image,
               "OpenCV IMREAD_REDUCED_* + bilinear": opencv}
   try:
     import simplejpeg
@@ -191,15 +192,16 @@ def _compare_decoders(source) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  from bmcc.data import loading, pipeline, splits
+  from bmcc.data import input_pipeline, loading, pipeline
 
   config = FLAGS.config
   batch_size = FLAGS.batch_size or config.batch_size
   cores = len(os.sched_getaffinity(0))
   builder = loading.load_builder(config.data)
-  selection = splits.Selection("train", config.data.fold, config.data.num_folds)
-  source = pipeline.role_source(builder, selection)
+  source = input_pipeline.data_source(builder, "train")
   mapping = pipeline.ClassMapping.create(config.data.classes)
+  records = (pipeline.select_records(source, mapping) if config.data.balance_alpha
+             or not mapping.is_identity else None)
   print(f"{len(source)} training records; image_size={config.image_size}, batch={batch_size}, "
         f"augment={config.data.augment}, {cores} cores available "
         f"(load average {os.getloadavg()[0]:.1f} at start).")
@@ -207,7 +209,7 @@ def main(argv: list[str]) -> None:
     _compare_decoders(source)
 
   workers = [int(w) for w in FLAGS.workers] if FLAGS.workers else [config.data.num_workers]
-  runs = {f"grain num_workers={w}": (lambda w=w: _ours(config, source, selection, mapping,
+  runs = {f"grain num_workers={w}": (lambda w=w: _ours(config, source, records, mapping,
                                                         batch_size, w)) for w in workers}
   if FLAGS.baseline == "tfdata":
     inputs, labels = _training_files(config, source)

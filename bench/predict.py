@@ -15,6 +15,7 @@ is `images_per_second=<float>`.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -54,19 +55,21 @@ def _write_images(folder: str, n: int) -> list[str]:
 def _save_model(config, workdir: str) -> None:
   """The config's model, freshly initialised, as a checkpoint of `workdir` (real layout)."""
   import grain
+  import optax
   from flax import nnx
 
-  from bmcc import checkpointing, train
+  from bmcc import checkpointing, steps
   from bmcc.data import pipeline
 
   mapping = pipeline.ClassMapping.create(config.data.classes)
-  model = train.create_model(config, mapping.num_classes)
-  state = {"model": nnx.to_pure_dict(nnx.state(model))}
-  if config.get("ema_decay"):  # prediction reads the weight average of such a run
-    state["ema"] = state["model"]
+  model = steps.create_model(config, mapping.num_classes)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ckpt.save(0, state, iter(grain.MapDataset.range(1).to_iter_dataset()),
-            train.run_metadata(config, mapping), force=True)
+  # A run with a weight average is read through its `ema` item: save the weights there too.
+  ckpt.save(0, model=model, optimizer=optimizer,
+            ema_model=model if config.get("ema_decay") else None,
+            data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()),
+            metadata=checkpointing.run_metadata(config, mapping.codes))
   ckpt.close()
 
 
@@ -75,7 +78,8 @@ def main(argv: list[str]) -> None:
   import jax
   import numpy as np
 
-  from bmcc import evaluate, predict, train
+  from bmcc import checkpointing, predict, steps
+  from bmcc.parallel import ordered_map
 
   config = FLAGS.config
   batch_size = FLAGS.batch_size or config.eval_batch_size
@@ -93,21 +97,22 @@ def main(argv: list[str]) -> None:
       _save_model(config, workdir)
       print(f"built and saved {config.model} in {time.time() - start:.1f} s", flush=True)
 
-    model, meta, _ = predict.load_model(workdir)
+    model, meta, _ = checkpointing.restore_model(workdir)
     size = meta["image_size"]
     decode_seconds = []
     for _ in range(FLAGS.repeats):
       start = time.time()
-      decoded = list(predict._decode_in_order(paths, size, threads, window=2 * batch_size))
+      decoded = list(ordered_map(functools.partial(predict._load, size=size), paths,
+                                 num_threads=threads, window=2 * batch_size))
       decode_seconds.append(time.time() - start)
     assert all(item.error is None for item in decoded)
     decode_rate = len(paths) / min(decode_seconds)
 
-    mesh = train.create_mesh(jax.local_devices())
+    mesh = steps.create_mesh(jax.local_devices())
     batch = -(-min(batch_size, len(paths)) // mesh.size) * mesh.size
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     images = jax.device_put(np.stack([item.image for item in decoded[:batch]]), sharding)
-    step = predict.dihedral_average if FLAGS.tta else evaluate.eval_step
+    step = steps.dihedral_average if FLAGS.tta else steps.eval_step
     with jax.set_mesh(mesh):
       step(model, images).block_until_ready()
       runs = max(1, len(paths) // batch)

@@ -9,15 +9,15 @@ devices and sharded over the `data` mesh axis, is fed to every step, so only the
 mode imports jax, flax, optax, numpy, absl and ml_collections only (no TensorFlow, TFDS, grain or
 clu), so it runs on a GPU machine that has nothing else; the last lines check that.
 
-`--input=pipeline`: batches come from the real grain training pipeline (`bmcc.data.pipeline`,
-decoding and the config's augmentation in `config.data.num_workers` worker processes, class
-balancing as `config.data.balance_alpha` says) over a prepared synthetic
-dataset of 250 x 250 JPEGs in the real layout (written and prepared on first use, in
-`config.data.cache_dir`; the config's own `data.synthetic` if set, else `--synthetic_scale` of the
-real class sizes), and go to the devices as `bmcc.train` does (`--device_prefetch` > 0: through
-`pipeline.prefetch_to_device` instead). The ratio of the two modes' images/s says how far the input
-pipeline holds the step back. Grain and TFDS are imported only in this mode; the warm-up should
-outlast the pipeline's start, and the timed steps the batches it reads ahead.
+`--input=pipeline`: batches come from the training input pipeline exactly as `bmcc.train` reads
+them (`bmcc.data.input_pipeline.create_train_iter`: decoding and the config's augmentation in
+`config.data.num_workers` worker processes, class balancing as `config.data.balance_alpha` says,
+put on the devices ahead by a thread) over a prepared synthetic dataset of 250 x 250 JPEGs in the
+real layout (written and prepared on first use, in `config.data.cache_dir`; the config's own
+`data.synthetic` if set, else `--synthetic_scale` of the real class sizes). The ratio of the two
+modes' images/s says how far the input pipeline holds the step back. Grain and TFDS are imported
+only in this mode; the warm-up should outlast the pipeline's start, and the timed steps the
+batches it reads ahead.
 
 Both modes compile one program: `bmcc.steps.train_step` (the step training runs, with the weight
 average when the config has `ema_decay`) inside `jax.jit` over the `nnx.split` state, ahead of
@@ -52,9 +52,6 @@ flags.DEFINE_enum("input", "synthetic", ["synthetic", "pipeline"],
 flags.DEFINE_float("synthetic_scale", 0.012,
                    "--input=pipeline without config.data.synthetic: images per class of the "
                    "synthetic dataset as a fraction of the real class sizes (at least 40 each).")
-flags.DEFINE_integer("device_prefetch", 0,
-                     "--input=pipeline: batches put on the devices ahead in a background thread "
-                     "(pipeline.prefetch_to_device); 0: in the loop, as bmcc.train does.")
 
 # Dense peak TFLOP/s per device by device kind (first match of a lower-case substring wins):
 # bfloat16 tensor cores, TF32 tensor cores (what XLA uses for float32 convolutions and matrix
@@ -111,17 +108,16 @@ def _synthetic_batches(mesh, batch: int, size: int, num_classes: int, seed: int)
     yield images, labels
 
 
-def _pipeline_batches(config, mesh, batch: int, device_prefetch: int):
-  """Batches of the grain training pipeline over a prepared synthetic dataset, on the devices.
+def _pipeline_batches(config, mesh):
+  """Batches of the training pipeline over a prepared synthetic dataset, on the devices.
 
-  Imports TFDS and grain (here only). Returns (iterator of (images, labels), cleanup function).
+  Exactly what training reads (`bmcc.data.input_pipeline.create_train_iter`: grain, decoding and
+  augmentation, a thread putting batches on the devices ahead). Imports TFDS and grain (here only).
+  Returns (iterator of (images, labels), cleanup function).
   """
-  import jax
   import ml_collections
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from bmcc.data import augment, loading, pipeline, splits
+  from bmcc.data import input_pipeline, loading
 
   if config.data.synthetic is None:
     config.data.synthetic = ml_collections.ConfigDict(
@@ -130,34 +126,13 @@ def _pipeline_batches(config, mesh, batch: int, device_prefetch: int):
   builder = loading.load_builder(config.data)
   print(f"dataset: {builder.data_dir} train={builder.info.splits['train'].num_examples} "
         f"images (ready in {time.time() - start:.1f} s)", flush=True)
-  mapping = pipeline.ClassMapping.create(config.data.classes)
-  selection = splits.Selection("train", config.data.fold, config.data.num_folds)
-  ds = pipeline.train_dataset(
-      pipeline.role_source(builder, selection), mapping=mapping, image_size=config.image_size,
-      batch_size=batch // jax.process_count(), seed=config.seed,
-      augment=augment.AugmentConfig.from_config(config.data) or False,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers, selection=selection,
-      balance_alpha=config.data.get("balance_alpha", 0.0))
-  sharding = NamedSharding(mesh, P("data"))
-  iterator = iter(ds)
-  if device_prefetch > 0:
-    iterator = pipeline.prefetch_to_device(iterator, device_prefetch, sharding)
+  data = input_pipeline.create_train_iter(config, builder, mesh)
 
   def batches():
-    for item in iterator:
-      if device_prefetch > 0:
-        yield item["image"], item["label"]
-      else:
-        yield (jax.make_array_from_process_local_data(sharding, item["image"]),
-               jax.make_array_from_process_local_data(sharding, item["label"]))
+    for item in data.iterator:
+      yield item["image"], item["label"]
 
-  def cleanup():
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()
-
-  return batches(), cleanup
+  return batches(), data.iterator.close
 
 
 def main(argv: list[str]) -> None:
@@ -192,7 +167,8 @@ def main(argv: list[str]) -> None:
   start = time.time()
   model = steps.create_model(config, num_classes)
   optimizer = nnx.Optimizer(
-      model, steps.create_optimizer(config, steps.create_learning_rate_fn(config)), wrt=nnx.Param)
+      model, steps.create_optimizer(config, steps.create_learning_rate_fn(
+          config, steps.resolve_durations(config, steps_per_epoch=500))), wrt=nnx.Param)
   model_graph, model_state = nnx.split(model)
   ema = steps.create_ema(config, model)  # the weight average, if the config keeps one
   graphdef, state = nnx.split((model, optimizer, ema))
@@ -229,7 +205,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.input == "synthetic":
       batches = _synthetic_batches(mesh, batch, size, num_classes, config.seed)
     else:
-      batches, cleanup = _pipeline_batches(config, mesh, batch, FLAGS.device_prefetch)
+      batches, cleanup = _pipeline_batches(config, mesh)
     try:
       start = time.time()
       for step in range(FLAGS.warmup):

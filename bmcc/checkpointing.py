@@ -1,28 +1,76 @@
-"""orbax checkpoints of a run: model and optimizer state, the data iterator, and run metadata.
+"""Everything about a run's stored state: orbax checkpoints, run metadata, restoring a model.
 
-Retention: the latest `keep` checkpoints and the single best by validation balanced accuracy
-(checkpoints saved without metrics are kept only while among the latest). Writes are asynchronous
-and atomic (orbax writes into a temporary folder and renames it when complete), so a run killed
-mid-write resumes from the last complete checkpoint.
+A checkpoint holds four items: `state` (the model, the optimizer and, with `ema_decay`, the
+averaged weights `ema`, as pure pytrees), `data` (the grain iterator, so a resumed run reads the
+exact next batch), `metadata` (what the weights must be read with: `run_metadata`) and `progress`
+(small JSON run state such as the plateau tracker). Retention: the latest `keep` checkpoints and
+the single best by validation balanced accuracy. Writes are asynchronous and atomic (orbax writes a
+temporary folder and renames it), so a run killed mid-write resumes from the last complete one.
+This is the only module that imports orbax.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import grain
+import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bmcc import steps
+from bmcc.config_validation import ConfigError
 
 BEST_METRIC = "val_balanced_accuracy"
+# Metadata keys a resumed run must agree on with the run that wrote the checkpoint.
+_RESUME_KEYS = ("model", "model_config", "classes", "image_size", "fold", "num_folds",
+                "ema_decay")
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
+def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...]) -> dict:
+  """What a checkpoint must be read with: model, its config, the classes and the image size."""
+  return {
+      "model": config.model,
+      "model_config": config.model_config.to_dict(),
+      "classes": list(codes),
+      "image_size": config.image_size,
+      "fold": config.data.fold,
+      "num_folds": config.data.num_folds,
+      "ema_decay": config.get("ema_decay") or None,  # 0 and None both mean no average
+  }
+
+
+def check_compatible(saved: dict, current: dict, workdir: str) -> None:
+  """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
+  current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
+  for key in _RESUME_KEYS:
+    if saved.get(key) != current.get(key):
+      raise ConfigError(
+          f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "
+          f"says {current.get(key)!r}. Use another --workdir, or the config that made it.")
+
+
+def _modules(model, optimizer, ema_model) -> dict[str, nnx.Module]:
+  found = {"model": model, "optimizer": optimizer, "ema": ema_model}
+  return {key: module for key, module in found.items() if module is not None}
+
+
+def _pure(modules: dict[str, nnx.Module]) -> dict:
+  return {key: nnx.to_pure_dict(nnx.state(module)) for key, module in modules.items()}
+
+
 class Checkpointer:
-  """A thin wrapper around `ocp.CheckpointManager` for the three items of a run."""
+  """The checkpoints of one run: `ocp.CheckpointManager` over the four items above."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 1, asynchronous: bool = True,
                read_only: bool = False):
@@ -54,28 +102,35 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: dict, data_iterator: Any, metadata: dict,
-           metrics: dict[str, float] | None = None, force: bool = False,
-           progress: dict | None = None) -> bool:
-    """Starts an asynchronous save of `state` (a pure pytree), the iterator and the metadata.
-
-    `progress` is small JSON run state that is not in the arrays (e.g. the plateau tracker).
-    """
+  def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer,
+           ema_model: nnx.Module | None, data_iterator: Any, metadata: dict,
+           metrics: dict[str, float] | None = None, progress: dict | None = None) -> bool:
+    """Starts an asynchronous save of the run's state, iterator, metadata and progress."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(_pure(_modules(model, optimizer, ema_model))),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         metadata=ocp.args.JsonSave(metadata),
         progress=ocp.args.JsonSave(progress or {}),
     )
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    return self.manager.save(step, args=args, metrics=metrics, force=True)
 
-  def restore(self, step: int, state_target: dict, data_iterator: Any | None = None) -> dict:
-    """Restores `state` (shaped and sharded like `state_target`) and, if given, the iterator."""
-    items = {"state": ocp.args.StandardRestore(state_target)}
+  def restore(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer,
+              ema_model: nnx.Module | None = None, data_iterator: Any | None = None) -> None:
+    """Restores the modules in place (shaped and sharded as they are), and the iterator if given."""
+    modules = _modules(model, optimizer, ema_model)
+    items = {"state": ocp.args.StandardRestore(_pure(modules))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    for key, module in modules.items():
+      state = nnx.state(module)
+      nnx.replace_by_pure_dict(state, restored[key])
+      nnx.update(module, state)
+
+  def restore_partial(self, step: int, target: dict) -> dict:
+    """The items of the saved state named by `target` (a pytree of ShapeDtypeStructs)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
 
   def progress(self, step: int) -> dict:
     """The `progress` saved at `step` ({} for a checkpoint without one)."""
@@ -94,3 +149,76 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _open_read_only(workdir: str) -> Checkpointer:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ConfigError(
+        f"No checkpoints in {directory!r}: train first with --mode=train --workdir={workdir}.")
+  return Checkpointer(directory, read_only=True)
+
+
+def _choose_step(ckpt: Checkpointer, checkpoint: str) -> int:
+  if checkpoint not in ("best", "latest"):
+    raise ConfigError(f"checkpoint={checkpoint!r}: use best or latest.")
+  step = ckpt.best_step() if checkpoint == "best" else None
+  if step is None:
+    step = ckpt.latest_step()
+  if step is None:
+    raise ConfigError(f"No complete checkpoint in {ckpt.directory!r}.")
+  return step
+
+
+def restore_model(workdir: str, checkpoint: str = "best", mesh: jax.sharding.Mesh | None = None
+                  ) -> tuple[nnx.Module, dict, int]:
+  """(model, run metadata, step) from the `best` or `latest` checkpoint in `workdir`.
+
+  The model is built from the metadata saved with the checkpoint (model name, its config, the
+  classes), abstractly (`nnx.eval_shape`: no initialisers run), with its arrays read straight from
+  the checkpoint, replicated over `mesh` (default: this process's devices; with several processes
+  pass the global mesh, and every process must call this). With `ema_decay` in the metadata it
+  holds the averaged weights.
+  """
+  ckpt = _open_read_only(workdir)
+  try:
+    step = _choose_step(ckpt, checkpoint)
+    meta = ckpt.metadata(step)
+    config = ml_collections.ConfigDict({
+        "model": meta["model"], "model_config": meta["model_config"], "seed": 0})
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: steps.create_model(config, len(meta["classes"]))))
+    mesh = steps.create_mesh(jax.local_devices()) if mesh is None else mesh
+    replicated = NamedSharding(mesh, P())
+    item = "ema" if meta.get("ema_decay") else "model"
+    target = {item: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.to_pure_dict(state))}
+    restored = ckpt.restore_partial(step, target)
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(state, restored[item])
+  return nnx.merge(graphdef, state), meta, step
+
+
+def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
+               ) -> tuple[int, dict]:
+  """(step, numpy pytree) of the latest checkpoint's state: model, optimizer and `ema` if any.
+
+  For inspection and tests: compare runs array by array.
+  """
+  ckpt = _open_read_only(workdir)
+  try:
+    step = _choose_step(ckpt, "latest")
+    model = steps.create_model(config, num_classes)
+    # The schedule's values do not shape the optimizer state: any durations will do.
+    schedule = steps.create_learning_rate_fn(config, steps.Durations(1, 0, 1, 1))
+    optimizer = nnx.Optimizer(model, steps.create_optimizer(config, schedule), wrt=nnx.Param)
+    target = _pure({"model": model, "optimizer": optimizer})
+    if config.get("ema_decay"):
+      target["ema"] = target["model"]
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    ckpt.close()
+  return step, jax.tree.map(np.asarray, restored)

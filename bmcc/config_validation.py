@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -46,14 +45,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"config.image_size={config.image_size} is too small for {config.model}, whose blocks "
         f"each halve the size: use at least {smallest}, or fewer blocks "
         "(config.model_config.features).")
-  if config.num_train_steps <= 0:
-    raise ConfigError(f"config.num_train_steps={config.num_train_steps} must be positive.")
-  if not 0 <= config.warmup_steps <= config.num_train_steps:
-    raise ConfigError(f"config.warmup_steps={config.warmup_steps} must be in "
-                      f"0..num_train_steps ({config.num_train_steps}).")
-  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-    if config[key] <= 0:
-      raise ConfigError(f"config.{key}={config[key]} must be positive.")
+  _check_durations(config)
+  if config.log_every_steps <= 0:
+    raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
   if config.stop_at_step is not None and config.stop_at_step <= 0:
     raise ConfigError(f"config.stop_at_step={config.stop_at_step} must be positive or None.")
   if config.lr_schedule not in ("cosine", "linear", "exponential", "constant"):
@@ -84,12 +78,24 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ConfigError(f"The workdir {workdir!r} is not a writable folder.")
 
 
-def check_checkpoint_metadata(saved: dict, current: dict, workdir: str) -> None:
-  """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
-  current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
-  for key in ("model", "model_config", "classes", "image_size", "fold", "num_folds",
-              "ema_decay"):
-    if saved.get(key) != current.get(key):
-      raise ConfigError(
-          f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "
-          f"says {current.get(key)!r}. Use another --workdir, or the config that made it.")
+# Durations: (steps key, epochs key, whether 0 is allowed). A steps key, when set, wins.
+_DURATIONS = (("num_train_steps", "num_epochs", False), ("warmup_steps", "warmup_epochs", True),
+              ("eval_every_steps", "eval_every_epochs", False),
+              ("checkpoint_every_steps", "checkpoint_every_epochs", False))
+
+
+def _check_durations(config: ml_collections.ConfigDict) -> None:
+  for steps_key, epochs_key, zero_ok in _DURATIONS:
+    steps, epochs = config.get(steps_key), config.get(epochs_key)
+    if steps is None and epochs is None:
+      raise ConfigError(f"Set config.{steps_key} or config.{epochs_key}.")
+    for key, value in ((steps_key, steps), (epochs_key, epochs)):
+      if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        raise ConfigError(f"config.{key}={value} must be {'>= 0' if zero_ok else 'positive'}.")
+  total, warmup = config.get("num_train_steps"), config.get("warmup_steps")
+  if total is not None and warmup is not None and warmup > total:
+    raise ConfigError(f"config.warmup_steps={warmup} must be in 0..num_train_steps ({total}).")
+  total, warmup = config.get("num_epochs"), config.get("warmup_epochs")
+  if (config.get("num_train_steps") is None and config.get("warmup_steps") is None
+      and warmup is not None and total is not None and warmup > total):
+    raise ConfigError(f"config.warmup_epochs={warmup} must be in 0..num_epochs ({total}).")

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from bmcc.atomic import atomic_write
 from bmcc.data import classes
 
 _NLL_FLOOR = 1e-12
@@ -300,45 +300,11 @@ def _confusion_figure(report: dict[str, Any], normalize: bool, title: str | None
   return fig
 
 
-def plot_confusion_matrix(
-    report: dict[str, Any],
-    path: str | os.PathLike,
-    *,
-    normalize: bool = True,
-    title: str | None = None,
-) -> None:
-  """Saves the report's confusion matrix as a PNG with class codes as ticks and annotated cells.
-
-  Args:
-    report: a dict from `classification_report`.
-    path: the PNG file to write.
-    normalize: show row-normalised fractions (recall on the diagonal) instead of counts.
-    title: the figure title; by default the kind of matrix, n, accuracy and balanced accuracy.
-  """
-  _confusion_figure(report, normalize, title).savefig(path, format="png")
-
-
 def confusion_matrix_image(report: dict[str, Any], *, normalize: bool = True) -> np.ndarray:
-  """Renders the `plot_confusion_matrix` figure to an RGB uint8 array [H, W, 3] for TensorBoard."""
+  """The confusion-matrix figure of `write_report` as RGB uint8 [H, W, 3], for TensorBoard."""
   fig = _confusion_figure(report, normalize, None)
   fig.canvas.draw()
   return np.array(fig.canvas.buffer_rgba(), dtype=np.uint8)[..., :3]
-
-
-def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """Writes `path` via a temporary file in its folder and os.replace: readers never see half."""
-  folder, name = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def write_report(report: dict[str, Any], workdir: str | os.PathLike, split: str) -> dict[str, str]:
@@ -359,11 +325,10 @@ def write_report(report: dict[str, Any], workdir: str | os.PathLike, split: str)
       "confusion": os.path.join(workdir, f"eval_{split}_confusion.png"),
   }
   text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-  _atomic_write(paths["json"], lambda f: f.write(text.encode()))
-  table = format_per_class_table(report)
-  _atomic_write(paths["per_class"], lambda f: f.write(table.encode()))
+  atomic_write(paths["json"], text)
+  atomic_write(paths["per_class"], format_per_class_table(report))
   figure = _confusion_figure(report, True, None)
-  _atomic_write(paths["confusion"], lambda f: figure.savefig(f, format="png"))
+  atomic_write(paths["confusion"], lambda f: figure.savefig(f, format="png"))
   return paths
 
 

@@ -15,10 +15,8 @@ outside 125..500 px, or not square within 10%); it is still predicted. A file th
 `error: <path>: <reason>` on stderr and the other files are still predicted; the exit status is 1
 if any file failed or no image was found, else 0.
 
-Decoding matches training (`bmcc.data.pipeline.decode_image`: libjpeg DCT scaling, then a bilinear
-resize to the model's size), after converting any PIL mode to RGB: greyscale and palette images
-are expanded, transparent pixels are composited onto white (the light background of a smear),
-16-bit images are scaled to 8 bits. Images are decoded by a thread pool (PIL releases the GIL)
+Decoding is training's (`bmcc.data.decode`: libjpeg DCT scaling, any PIL mode to RGB, a bilinear
+resize to the model's size). Images are decoded by a thread pool (PIL releases the GIL)
 while the device runs the previous batch; batches are padded to one fixed size, so there is one
 compilation per run. With `tta=True` the probabilities are averaged over the 8 rotations and flips
 of each image (`dihedral_average`), the symmetries the training augmentation samples from.
@@ -28,10 +26,9 @@ Prediction runs in one process, over the mesh of its local devices.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -48,8 +45,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from bmcc import config_validation, evaluate, evaluate_checkpoint, steps
+from bmcc import checkpointing, config_validation, steps
 from bmcc.data import classes
+from bmcc.data.decode import read_image
+from bmcc.parallel import ordered_map
 
 # File name endings picked up when walking a folder (case-insensitive). Files named explicitly are
 # always tried, whatever their name.
@@ -85,58 +84,6 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[str]:
       found.extend(os.path.join(root, name) for name in sorted(files)
                    if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
   return found
-
-
-def _check_pixels(width: int, height: int) -> None:
-  """Raises DecompressionBombError above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, read now).
-
-  PIL itself only warns between 1x and 2x the limit; here both count as a refusal.
-  """
-  limit = Image.MAX_IMAGE_PIXELS
-  if limit and width * height > limit:
-    raise Image.DecompressionBombError(
-        f"image size ({width}x{height} = {width * height} pixels) exceeds the limit of {limit} "
-        "pixels (PIL.Image.MAX_IMAGE_PIXELS)")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB: 16-bit and float scaled to 8 bits, transparency composited on white."""
-  mode = image.mode
-  if mode == "RGB":
-    return image
-  if mode.startswith("I") or mode == "F":  # I;16, I;16B, I (32-bit int), F (32-bit float)
-    values = np.asarray(image, dtype=np.float64)
-    top = float(values.max()) if values.size else 0.0
-    if mode == "F" and top <= 1.0:
-      values = values * 255.0
-    elif mode.startswith("I;16") or top > 255.0:
-      values = values / 257.0  # 65535 -> 255
-    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, "L").convert("RGB")
-  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-  return image.convert("RGB")
-
-
-def read_image(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """(uint8 [size, size, 3], original (width, height)) of the image file at `path`.
-
-  The same steps as training's `pipeline.decode_image` (JPEG DCT scaling to the smallest scale
-  not below `size`, RGB, bilinear resize), for any mode and size. Raises on any problem:
-  OSError (missing, unreadable, truncated), UnidentifiedImageError (not an image),
-  DecompressionBombError (more pixels than `Image.MAX_IMAGE_PIXELS`), ...
-  """
-  with Image.open(path) as image:
-    width, height = image.size
-    _check_pixels(width, height)
-    image.draft("RGB", (size, size))
-    image.load()
-    rgb = _to_rgb(image)
-    if rgb.size != (size, size):
-      rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(rgb, dtype=np.uint8), (width, height)
 
 
 def geometry_warning(width: int, height: int) -> str | None:
@@ -184,33 +131,6 @@ def _load(path: str, size: int) -> _Item:
   except Exception as e:  # One bad file must never stop the others.
     return _Item(path, error=error_reason(e))
   return _Item(path, image=image, size=original)
-
-
-def _decode_in_order(paths: Sequence[str], size: int, num_threads: int,
-                     window: int) -> Iterator[_Item]:
-  """Decoded items in input order; up to `window` files are read ahead by the thread pool."""
-  with concurrent.futures.ThreadPoolExecutor(num_threads, "bmcc-decode") as pool:
-    remaining = iter(paths)
-    pending: collections.deque[concurrent.futures.Future] = collections.deque()
-    for path in remaining:
-      pending.append(pool.submit(_load, path, size))
-      if len(pending) >= window:
-        break
-    while pending:
-      item = pending.popleft().result()
-      path = next(remaining, None)
-      if path is not None:
-        pending.append(pool.submit(_load, path, size))
-      yield item
-
-
-# ------------------------------------------------------------------------------------------------
-# The model.
-
-
-# Kept under these names for callers of this module.
-load_model = evaluate_checkpoint.restore_model
-dihedral_average = evaluate.dihedral_average
 
 
 class _Writer:
@@ -351,7 +271,7 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
           "error: no image files or folders given", file=stderr, flush=True)
     return 1
 
-  model, meta, step = load_model(workdir, checkpoint)
+  model, meta, step = checkpointing.restore_model(workdir, checkpoint)
   image_size = int(meta["image_size"])
   codes = list(meta["classes"])
   mesh = steps.create_mesh(jax.local_devices())
@@ -359,7 +279,7 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
   batch = -(-batch // mesh.size) * mesh.size
   nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
   data_sharding = NamedSharding(mesh, P("data"))
-  step_fn = dihedral_average if tta else evaluate.eval_step
+  step_fn = steps.dihedral_average if tta else steps.eval_step
 
   def predict_fn(images: np.ndarray) -> jax.Array:
     return step_fn(model, jax.device_put(images, data_sharding))
@@ -383,7 +303,8 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with warnings.catch_warnings(), jax.set_mesh(mesh):
       warnings.simplefilter("error", Image.DecompressionBombWarning)
-      items = _decode_in_order(files, image_size, threads, window=2 * batch + threads)
+      items = ordered_map(functools.partial(_load, size=image_size), files, num_threads=threads,
+                          window=2 * batch + threads, thread_name_prefix="bmcc-decode")
       failures += _run_batches(items, predict_fn=predict_fn, batch_size=batch,
                                image_size=image_size, writer=writer, stderr=stderr)
   finally:

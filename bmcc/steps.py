@@ -1,4 +1,4 @@
-"""The jit-compiled training step and what it needs: mesh, model, optimizer, schedule.
+"""The jit-compiled steps and what they need: mesh, model, optimizer, schedule, durations.
 
 Kept free of TensorFlow, TFDS, grain and clu so that benchmarks (`bench/train_step.py`) run on a
 GPU machine that has only jax, flax, optax and ml_collections.
@@ -10,6 +10,7 @@ and XLA inserts the gradient all-reduce (batch-norm statistics are computed over
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -30,16 +31,51 @@ def create_mesh(devices: list | None = None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  """A run's durations in optimizer steps (configs may give them in epochs)."""
+
+  total: int
+  warmup: int
+  eval_every: int
+  checkpoint_every: int
+
+
+def resolve_durations(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
+  """Step counts from the config: `<name>_steps` when set, else `<name>_epochs` x steps per epoch.
+
+  Names: num_train (num_epochs), warmup, eval_every, checkpoint_every. So a run described in epochs
+  keeps its length in epochs whatever the batch size or the dataset.
+  """
+  def steps(step_key: str, epoch_key: str, minimum: int) -> int:
+    if config.get(step_key) is not None:
+      return int(config[step_key])
+    if config.get(epoch_key) is None:
+      raise ValueError(f"Set config.{step_key} or config.{epoch_key}.")
+    return max(minimum, round(config[epoch_key] * steps_per_epoch))
+
+  durations = Durations(
+      total=steps("num_train_steps", "num_epochs", 1),
+      warmup=steps("warmup_steps", "warmup_epochs", 0),
+      eval_every=steps("eval_every_steps", "eval_every_epochs", 1),
+      checkpoint_every=steps("checkpoint_every_steps", "checkpoint_every_epochs", 1))
+  if durations.warmup > durations.total:
+    raise ValueError(f"Warm-up ({durations.warmup} steps) is longer than training "
+                     f"({durations.total} steps).")
+  return durations
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict,
+                            durations: Durations) -> optax.Schedule:
   """Linear warm-up from 0 to `learning_rate`, then cosine, linear, exponential or no decay.
 
-  The decay runs from the end of warm-up to `num_train_steps`, ending at
+  The decay runs from the end of warm-up to the last step, ending at
   `learning_rate * end_learning_rate_factor`.
   """
   peak = config.learning_rate
   end = peak * config.end_learning_rate_factor
-  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
-  decay_steps = max(1, config.num_train_steps - config.warmup_steps)
+  warmup = optax.linear_schedule(0.0, peak, durations.warmup)
+  decay_steps = max(1, durations.total - durations.warmup)
   if config.lr_schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_factor)
   elif config.lr_schedule == "linear":
@@ -50,7 +86,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
     decay = optax.constant_schedule(peak)
   else:
     raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}.")
-  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+  return optax.join_schedules([warmup, decay], [durations.warmup])
 
 
 def _decay_mask(params: Any) -> Any:
@@ -72,11 +108,6 @@ def create_optimizer(config: ml_collections.ConfigDict,
   # A multiplier of the updates that reduce-on-plateau lowers (`set_lr_scale`); it lives in the
   # optimizer state, so checkpoints carry it.
   return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
-
-
-def get_lr_scale(optimizer: nnx.Optimizer) -> float:
-  """The reduce-on-plateau multiplier of the learning rate (1.0 until a plateau)."""
-  return float(optimizer.opt_state[-1].hyperparams["step_size"][...])
 
 
 def set_lr_scale(optimizer: nnx.Optimizer, scale: float) -> None:
@@ -143,3 +174,29 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
     ema.update(model)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
   return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, images: jax.Array) -> jax.Array:
+  """Softmax probabilities [N, C] of a batch of uint8 images."""
+  model.eval()
+  logits = model(normalize_images(images, jnp.float32))
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@nnx.jit
+def dihedral_average(model: nnx.Module, images: jax.Array) -> jax.Array:
+  """Softmax probabilities [N, C] of square uint8 images, averaged over their 8 symmetries.
+
+  The 8 views are the rotations by 0, 90, 180 and 270 degrees, each with and without a
+  left-right flip (the dihedral group of the square, which the training augmentation samples).
+  The probabilities, not the logits, are averaged. Works on sharded batches like `eval_step`.
+  """
+  model.eval()
+  x = normalize_images(images, jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  for k in range(4):
+    rotated = jnp.rot90(x, k, axes=(1, 2))
+    for view in (rotated, rotated[:, :, ::-1]):
+      total = total + jax.nn.softmax(model(view), axis=-1)
+  return total / 8.0

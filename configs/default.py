@@ -1,44 +1,17 @@
-"""Default: the best recipe we can argue for on the real dataset (not yet measured on it).
-
-ResNeXt-50 32x4d, the architecture of Matek et al. (Blood 2021), from scratch at 224 px with
-bfloat16 compute, batch 256, AdamW 1e-3 (weight decay 0.05 on kernels only), 2 warm-up epochs then
-cosine decay to 1% over 30 epochs of the ~137k training images (535 steps each), label smoothing
-0.1, square-root class-balanced sampling (balance_alpha 0.5) and an exponential moving average of
-the weights (decay 0.999, about 2 epochs). Put the download (the Kaggle zip as downloaded, or the
-extracted folder) in `~/tensorflow_datasets/downloads/manual/` (or pass --config.data.manual_dir),
-then:
+"""Default: ResNeXt-50 32x4d (Matek et al.'s architecture) from scratch on the real dataset.
 
   python main.py --config configs/default.py --workdir runs/default
 
-The first run prepares the dataset (once, a few minutes), then trains. If you change
---config.batch_size, scale num_train_steps, warmup_steps, eval_every_steps,
-checkpoint_every_steps and learning_rate with it (they are plain numbers here).
-
-Why these choices, aiming above the published results (weighted F1 84.9 / balanced accuracy 69.3
-for DinoBloom-G's linear probe; weighted F1 88.2 / macro F1 76.5 for CytoDINO): the metrics that
-matter here weigh the rare classes as much as the common ones, and eight classes have fewer than
-1,000 images. Square-root sampling shows a class of n images in proportion to sqrt(n) (ABE's 8
-images 60 times less often than NGS's 29,424 rather than 3,700 times) without the overfitting of
-fully balanced sampling; neighbouring maturation stages (myelocyte, metamyelocyte, band and
-segmented neutrophil) grade into each other, so label smoothing keeps the model from betting
-everything on one of them, and the weight average smooths the last epochs' noise at the cost of
-one copy of the weights; the best checkpoint is chosen by validation balanced accuracy, never by the
-test split. Variants: `resnet50.py` (the same recipe, a faster model), `resnext50.py` (Matek's
-model with natural sampling and no averaging: the ablation of the two imbalance measures),
-`simple_cnn.py` (the old project's design).
-
-Time per epoch: not yet measured on any GPU (no GPU was lent to the sessions that wrote this;
-`bench/gpu.sh` measures it). Estimate only: XLA's cost analysis of the compiled training step,
-measured on the CPU, gives 25.8 GFLOP per image (8.5 GFLOP forward), about 3.5e15 FLOP per
-epoch: 3.6 s at the H100 SXM's dense bf16 peak (989 TFLOP/s), so roughly a minute per epoch at a
-plausible 5-10% of peak for grouped convolutions, if the input pipeline keeps up.
-Expected metrics: not yet measured.
+224 px, bfloat16, batch 256, AdamW 1e-3 (weight decay 0.05 on kernels), 2 warm-up epochs then
+cosine decay to 1% over 30 epochs, label smoothing 0.1, square-root class-balanced sampling, weight
+average (decay 0.999). Put the download in `~/tensorflow_datasets/downloads/manual/` (or pass
+--config.data.manual_dir); the first run prepares it. Durations are in epochs of the prepared
+train split, so --config.batch_size needs no other change (scale learning_rate with it if you like).
+Why this recipe: README, "Configs". Time per epoch and metrics: not yet measured (no GPU lent).
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
-
-TRAIN_IMAGES = 137_000  # about 80% of the 171,374 images (the prepared train split)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -88,12 +61,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 256  # global batch, split over all devices; a multiple of the device count
   config.eval_batch_size = 512  # global evaluation batch; a multiple of the device count
-  steps_per_epoch = TRAIN_IMAGES // config.batch_size  # 535
-  config.num_train_steps = 30 * steps_per_epoch  # 30 epochs: 16,050 steps
+  # Durations: in epochs of the run's training examples, or in steps; a `*_steps` value, when
+  # set, takes precedence over its `*_epochs` twin.
+  config.num_epochs = 30.0  # length of training
+  config.num_train_steps = placeholder(int)
 
   config.optimizer = "adamw"  # 'adam' or 'adamw'
   config.learning_rate = 1e-3 * config.batch_size / 256  # peak, 1e-3 per 256 images
-  config.warmup_steps = 2 * steps_per_epoch  # linear warm-up from 0 to the peak: 2 epochs
+  config.warmup_epochs = 2.0  # linear warm-up from 0 to the peak
+  config.warmup_steps = placeholder(int)
   # Decay after warm-up: 'cosine', 'linear', 'exponential' or 'constant'.
   config.lr_schedule = "cosine"
   config.end_learning_rate_factor = 0.01  # final learning rate as a fraction of the peak
@@ -105,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   # use the averaged weights. 0 or None: off.
   config.ema_decay = ml_collections.FieldReference(0.999, field_type=float)
   # Reduce-on-plateau (what the old project's callback did) and early stopping, both on validation
-  # balanced accuracy, counted in evaluations (every eval_every_steps); None: off. Early stopping
+  # balanced accuracy, counted in evaluations (every eval_every_epochs); None: off. Early stopping
   # ends training; the final test evaluation then uses the best checkpoint.
   config.plateau_patience = placeholder(int)
   config.plateau_factor = 0.5  # learning-rate multiplier at each plateau
@@ -113,9 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.min_delta = 0.0  # smallest change of the metric that counts as an improvement
 
   config.log_every_steps = 100  # training loss/accuracy to TensorBoard and the log
-  # Validation evaluation (and a checkpoint with its metrics): every 2 epochs.
-  config.eval_every_steps = 2 * steps_per_epoch
-  config.checkpoint_every_steps = steps_per_epoch  # checkpoints in between: every epoch
+  # Validation evaluation (and a checkpoint with its metrics), and checkpoints in between.
+  config.eval_every_epochs = 2.0
+  config.eval_every_steps = placeholder(int)
+  config.checkpoint_every_epochs = 1.0
+  config.checkpoint_every_steps = placeholder(int)
   config.keep_checkpoints = 1  # latest checkpoints kept, besides the best by validation
   # Which checkpoint the final test evaluation uses: 'best' (by validation balanced accuracy)
   # or 'latest'. The test split never chooses anything.

@@ -1,19 +1,11 @@
 """SimpleCNN, the old project's design, at native resolution (250 px) on the real dataset.
 
-Five conv blocks (32..512 channels), dense 256 with dropout 0.3, float32; AdamW at 1e-3 (weight
-decay 1e-4) with 1,000 warm-up steps and cosine decay, batch 128, 32,000 steps (about 30 epochs of
-the ~137k training images), natural sampling, no label smoothing, no weight average. Put the
-download in `~/tensorflow_datasets/downloads/manual/` (or pass --config.data.manual_dir), then:
-
   python main.py --config configs/simple_cnn.py --workdir runs/simple_cnn
 
-Time per epoch: not yet measured on any GPU (`bench/gpu.sh` measures the step). Estimate only:
-XLA's cost analysis of the compiled training step, measured on the CPU, gives 23.3 GFLOP per image
-(7.7 GFLOP for the forward pass: two full-width 3x3 convolutions at every scale from 250 px make it
-as costly as ResNet-50 at 224 px), so an epoch of 137k images is about 3.2e15 FLOP: 6.4 s at the
-H100 SXM's dense TF32 peak (495 TFLOP/s; float32 convolutions run as TF32 by default), so about
-30 s at a plausible 20% of peak, if the input pipeline keeps up.
-Expected metrics: not yet measured.
+Five conv blocks (32..512 channels), dense 256 with dropout 0.3, float32; AdamW 1e-3 (weight decay
+1e-4), 1 warm-up epoch and cosine decay over 30 epochs, batch 128, natural sampling, no label
+smoothing, no weight average. `demo.py` and `tiny.py` start from it. Time per epoch and metrics on
+the real data: not yet measured (no GPU lent).
 """
 
 import ml_collections
@@ -36,12 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.balance_alpha = 0.0  # natural sampling: shuffled epochs
   config.batch_size = 128
   config.eval_batch_size = 256
-  config.num_train_steps = 32_000  # about 30 epochs of ~137k training images at batch 128
   config.learning_rate = 1e-3
-  config.warmup_steps = 1_000
+  config.warmup_epochs = 1.0
   config.weight_decay = 1e-4
   config.label_smoothing = 0.0
   config.ema_decay = None
-  config.eval_every_steps = 2_000
-  config.checkpoint_every_steps = 1_000
   return config

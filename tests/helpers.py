@@ -4,11 +4,7 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
-from flax import nnx
-
-from bmcc import checkpointing, train
+from bmcc import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,15 +41,4 @@ def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, timeo
 def final_state(workdir: str, config) -> tuple[int, dict]:
   """(step, numpy pytree of the state) of the latest checkpoint in `workdir`: model, optimizer
   and, for a config with `ema_decay`, the averaged weights (`ema`)."""
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  step = ckpt.latest_step()
-  model = train.create_model(config, 21)
-  optimizer = nnx.Optimizer(model, train.create_optimizer(
-      config, train.create_learning_rate_fn(config)), wrt=nnx.Param)
-  target = {"model": nnx.to_pure_dict(nnx.state(model)),
-            "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
-  if config.get("ema_decay"):
-    target["ema"] = target["model"]
-  restored = ckpt.restore(step, target)
-  ckpt.close()
-  return step, jax.tree.map(np.asarray, restored)
+  return checkpointing.read_state(workdir, config, 21)

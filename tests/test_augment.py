@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from bmcc import synthetic
-from bmcc.data import augment, pipeline
+from bmcc.data import augment
+from bmcc.data.decode import decode_image
 from configs import default
 
 NO_OPS = augment.AugmentConfig(dihedral=False, crop_scale=(1.0, 1.0), color_jitter=0.0,
@@ -38,7 +39,7 @@ def test_shape_dtype_determinism_and_changes(jpeg, size):
   np.testing.assert_array_equal(a, _run(jpeg, size, config, 7))  # same seed: same image
   outputs = {_run(jpeg, size, config, seed).tobytes() for seed in range(8)}
   assert len(outputs) == 8  # every seed differs
-  plain = pipeline.decode_image(jpeg, size)
+  plain = decode_image(jpeg, size)
   assert all(not np.array_equal(np.frombuffer(o, np.uint8).reshape(a.shape), plain)
              for o in outputs)
 
@@ -46,9 +47,9 @@ def test_shape_dtype_determinism_and_changes(jpeg, size):
 def test_without_augmentation_it_is_a_plain_resize(jpeg):
   for size in (250, 224, 64):
     out = _run(jpeg, size, NO_OPS, 0)
-    reference = pipeline.decode_image(jpeg, size)  # PIL: the evaluation resize
+    reference = decode_image(jpeg, size)  # PIL: the evaluation resize
     assert np.abs(out.astype(int) - reference).mean() < 2.0  # only the resampling filter differs
-  np.testing.assert_array_equal(_run(jpeg, 250, NO_OPS, 0), pipeline.decode_image(jpeg, 250))
+  np.testing.assert_array_equal(_run(jpeg, 250, NO_OPS, 0), decode_image(jpeg, 250))
 
 
 def test_non_square_and_greyscale_inputs():
@@ -89,7 +90,7 @@ def test_crop_zooms_in_and_reduced_scale_decoding(jpeg):
   u = np.full(augment._NUM_DRAWS, 0.5)
   assert augment._crop_box(config, u) == (0.25, 0.25, 0.5, 0.5)
   out = _run(jpeg, 64, config, 0)
-  assert np.abs(out.astype(int) - pipeline.decode_image(jpeg, 64)).mean() > 5
+  assert np.abs(out.astype(int) - decode_image(jpeg, 64)).mean() > 5
 
 
 def test_crop_box_respects_scale_and_ratio_ranges():
@@ -167,4 +168,4 @@ def test_config_defaults_validation_and_resolve():
 
 
 def test_eval_path_is_deterministic(jpeg):
-  np.testing.assert_array_equal(pipeline.decode_image(jpeg, 64), pipeline.decode_image(jpeg, 64))
+  np.testing.assert_array_equal(decode_image(jpeg, 64), decode_image(jpeg, 64))

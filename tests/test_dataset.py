@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from bmcc import synthetic
-from bmcc.data import classes, discovery, pipeline, splits
+from bmcc.data import classes, decode, discovery, input_pipeline, pipeline, splits
 from bmcc.data.bone_marrow import KNOWN_BAD_FILES, Builder, prepare
 from bmcc.data.validation import BadImageError, validate_jpeg
 
@@ -126,7 +126,7 @@ def _report(builder) -> dict:
 
 
 def _records(builder, split: str) -> list[dict]:
-  source = pipeline.data_source(builder, split)
+  source = input_pipeline.data_source(builder, split)
   return [source[i] for i in range(len(source))]
 
 
@@ -444,7 +444,7 @@ def test_prepare_twice_reuses_the_prepared_dataset(prepared, tmp_path):
   assert again.data_dir == builder.data_dir
   assert {s: again.info.splits[s].num_examples for s in splits.SPLITS} == {
       "train": 28, "validation": 4, "test": 3}
-  assert len(pipeline.data_source(again, "test")) == 3
+  assert len(input_pipeline.data_source(again, "test")) == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,7 +602,7 @@ def test_class_mapping_unknown_code_lists_the_valid_codes():
 
 
 def test_eval_batches_with_a_class_subset(prepared):
-  source = pipeline.data_source(prepared["kaggle"], "train")
+  source = input_pipeline.data_source(prepared["kaggle"], "train")
   assert len(source) == 28
   mapping = pipeline.ClassMapping.create(("NGS", "BLA"))
   size, batch_size = 32, 4
@@ -627,14 +627,14 @@ def test_eval_batches_with_a_class_subset(prepared):
   expected_labels = [mapping.codes.index(classes.CODES[int(r["label"])]) for r in kept]
   assert labels.tolist() == expected_labels
   digests = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
-  expected = [hashlib.sha256(pipeline.decode_image(r["image"], size).tobytes()).hexdigest()
+  expected = [hashlib.sha256(decode.decode_image(r["image"], size).tobytes()).hexdigest()
               for r in kept]
   assert digests == expected
   assert len(set(digests)) == 18
 
 
 def test_eval_batches_identity_mapping_covers_the_split(prepared):
-  source = pipeline.data_source(prepared["tcia"], "validation")
+  source = input_pipeline.data_source(prepared["tcia"], "validation")
   mapping = pipeline.ClassMapping.create(None)
   batches = list(pipeline.eval_batches(source, mapping=mapping, image_size=16, batch_size=3))
   assert [int(b["mask"].sum()) for b in batches] == [3, 1]

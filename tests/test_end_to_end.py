@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmcc import train
+from bmcc import checkpointing, config_validation, evaluate, train
 from configs import tiny
 from tests import helpers
 
@@ -56,13 +56,15 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
   assert train.train_and_evaluate(config, full) == report_full
 
   # The test report is of the averaged weights, and evaluate/predict load them.
-  from bmcc import evaluate_checkpoint  # noqa: PLC0415
-  model, meta, step = evaluate_checkpoint.restore_model(full, "latest")
+  model, meta, step = checkpointing.restore_model(full, "latest")
   assert meta["ema_decay"] == 0.9 and step == 24
   restored = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   jax.tree.map(np.testing.assert_array_equal, restored, params_full["ema"])
   assert not np.array_equal(restored["head"]["kernel"], params_full["model"]["head"]["kernel"])
-  assert evaluate_checkpoint.evaluate_workdir(config, full, checkpoint="best") == report_full
+  assert evaluate.evaluate_workdir(config, full, checkpoint="best") == report_full
+  # ... written beside the run's own report, never over it.
+  with open(os.path.join(full, "eval_test_best.json")) as f:
+    assert json.load(f) == report_full
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):
@@ -72,7 +74,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(config, workdir)
   config.data.classes = ("BLA", "EBO", "LYT")
-  with pytest.raises(Exception, match="classes"):
+  with pytest.raises(config_validation.ConfigError, match="classes"):
     train.train_and_evaluate(config, workdir)
 
 
@@ -112,20 +114,22 @@ def test_missing_dataset_is_a_clear_error_and_nonzero_exit(tmp_path):
 
 def test_evaluate_mode_with_tta_writes_the_report_and_samples_reach_tensorboard(tmp_path,
                                                                                cache_dir):
-  from bmcc import evaluate_checkpoint  # noqa: PLC0415
   config = _tiny_config(cache_dir)
   config.num_train_steps = 8
   config.warmup_steps = 2
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(config, workdir)
-  os.remove(os.path.join(workdir, "eval_validation.json"))
-  report = evaluate_checkpoint.evaluate_workdir(config, workdir, split="validation", tta=True)
   with open(os.path.join(workdir, "eval_validation.json")) as f:
+    run_report = json.load(f)
+  report = evaluate.evaluate_workdir(config, workdir, split="validation", tta=True)
+  with open(os.path.join(workdir, "eval_validation_best_tta.json")) as f:
     saved = json.load(f)
   assert saved == report and saved["test_time_augmentation"] is True
   assert saved["checkpoint_step"] == 8
-  assert os.path.exists(os.path.join(workdir, "eval_validation_confusion.png"))
-  assert os.path.exists(os.path.join(workdir, "eval_validation_per_class.md"))
+  assert os.path.exists(os.path.join(workdir, "eval_validation_best_tta_confusion.png"))
+  assert os.path.exists(os.path.join(workdir, "eval_validation_best_tta_per_class.md"))
+  with open(os.path.join(workdir, "eval_validation.json")) as f:  # the run's report is kept
+    assert json.load(f) == run_report
   tags = _tensorboard_tags(workdir)
   assert {"val/samples", "val/confusion_matrix", "test/confusion_matrix"} <= tags, tags
 
@@ -142,7 +146,6 @@ def test_plateau_and_early_stopping_in_a_run(tmp_path, cache_dir):
   report = train.train_and_evaluate(config, workdir)
   # Evaluations at 4 (best for the tracker), 8 (x0.5), 12 (x0.25, stop); the test split is
   # evaluated with the checkpoint that is best by validation balanced accuracy.
-  from bmcc import checkpointing  # noqa: PLC0415
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ckpt.latest_step() == 12
   assert report["checkpoint_step"] == ckpt.best_step()

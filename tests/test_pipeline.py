@@ -3,11 +3,14 @@
 import io
 import pickle
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
 
 from bmcc.data import pipeline, sampling, splits
+from bmcc.data.decode import decode_image
+from bmcc.data.normalization import normalize_images
 
 
 class FakeSource:
@@ -82,7 +85,7 @@ def test_restoring_iterator_mid_epoch_gives_the_same_next_batches(source):
 
 
 def test_process_shards_partition_the_data(source):
-  everything = {pipeline.decode_image(r["image"], 16).tobytes() for r in source.records}
+  everything = {decode_image(r["image"], 16).tobytes() for r in source.records}
   assert len(everything) == 50
   seen = []
   for index in range(2):
@@ -119,26 +122,33 @@ def test_class_subset_filters_and_renumbers(source):
     pipeline.ClassMapping.create(["BLA", "XYZ"])
 
 
-def test_random_dihedral_covers_all_eight_orientations():
-  image = np.arange(3 * 3 * 3, dtype=np.uint8).reshape(3, 3, 3)
-  rng = np.random.default_rng(0)
-  outputs = {pipeline.random_dihedral(image, rng).tobytes() for _ in range(200)}
-  assert len(outputs) == 8
+def _png(image: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, "PNG")
+  return buf.getvalue()
 
 
-def test_decode_image_resizes_and_converts_modes():
-  for mode in ("L", "RGBA", "RGB"):
-    buf = io.BytesIO()
-    Image.new(mode, (250, 180)).save(buf, "PNG")
-    out = pipeline.decode_image(buf.getvalue(), 48)
-    assert out.shape == (48, 48, 3) and out.dtype == np.uint8
+def test_decode_image_resizes_and_converts_modes_with_exact_pixels():
+  grey = decode_image(_png(Image.new("L", (250, 180), 100)), 48)
+  assert grey.shape == (48, 48, 3) and grey.dtype == np.uint8
+  assert (grey == 100).all()
+  clear = decode_image(_png(Image.new("RGBA", (250, 250), (10, 20, 30, 0))), 48)
+  assert (clear == 255).all()  # transparent: the white of a smear's background
+  opaque = decode_image(_png(Image.new("RGBA", (250, 250), (10, 20, 30, 255))), 48)
+  assert (opaque == [10, 20, 30]).all()
+  halves = Image.new("RGB", (100, 100), (255, 0, 0))
+  halves.paste((0, 0, 255), (50, 0, 100, 100))
+  out = decode_image(_png(halves), 10)  # bilinear with antialiasing: edges blend, sides do not
+  np.testing.assert_array_equal(out[:, 0], [[255, 0, 0]] * 10)
+  np.testing.assert_array_equal(out[:, 9], [[0, 0, 255]] * 10)
+  assert 0 < out[0, 4, 0] < 255 or 0 < out[0, 5, 0] < 255
 
 
 def test_normalize_images_is_exact():
   images = np.array([[[[200, 180, 200]]]], np.uint8)
-  np.testing.assert_allclose(pipeline.normalize_images(images), 0.0)
+  np.testing.assert_allclose(normalize_images(images), 0.0)
   images = np.array([[[[250, 235, 245]]]], np.uint8)
-  np.testing.assert_allclose(pipeline.normalize_images(images), 1.0)
+  np.testing.assert_allclose(normalize_images(images), 1.0)
 
 
 def test_kfold_selection_partitions_and_reads_all_splits():
@@ -163,11 +173,13 @@ def test_kfold_selection_partitions_and_reads_all_splits():
 
 def test_kfold_eval_reads_only_its_fold(source):
   sources = [FakeSource(10), FakeSource(7)]
-  concat = pipeline.ConcatSource(sources)
+  concat = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources])
   assert len(concat) == 17 and concat[12] is sources[1].records[2]
   selection = splits.Selection("test", 0, 2)
-  batches = list(pipeline.eval_batches(concat, mapping=pipeline.ClassMapping.create(None),
-                                       image_size=16, batch_size=4, selection=selection))
+  mapping = pipeline.ClassMapping.create(None)
+  indices, _ = pipeline.select_records(concat, mapping, selection.keep)
+  batches = list(pipeline.eval_batches(concat, mapping=mapping, image_size=16, batch_size=4,
+                                       indices=indices))
   kept = [r for r in sources[0].records + sources[1].records
           if selection(r["file_name"].decode())]
   assert 0 < len(kept) < 17
@@ -226,38 +238,33 @@ def test_balanced_stream_resumes_exactly(source):
   _assert_same_batches(expected, _take(resumed, 3))
 
 
-class _CountingIterator:
-  """A finite grain-like iterator of numbered batches with get_state/set_state."""
+class _Numbered:
+  """Element i -> a batch of label i; raises at `fail_at` (picklable)."""
 
-  def __init__(self, n: int, fail_at: int | None = None):
-    self.position, self.n, self.fail_at = 0, n, fail_at
+  def __init__(self, fail_at: int | None = None):
+    self.fail_at = fail_at
 
-  def __next__(self):
-    if self.position == self.fail_at:
+  def __call__(self, i: int) -> dict:
+    if i == self.fail_at:
       raise RuntimeError("broken record")
-    if self.position >= self.n:
-      raise StopIteration
-    self.position += 1
-    return {"label": np.full(4, self.position - 1, np.int32)}
-
-  def get_state(self):
-    return {"position": self.position}
-
-  def set_state(self, state):
-    self.position = state["position"]
+    return {"label": np.full(4, i, np.int32)}
 
 
-def test_prefetch_to_device_state_is_that_of_the_last_consumed_batch(source):
+def _mesh_sharding():
   import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = NamedSharding(mesh, P("data"))
-  plain = iter(_train(source, seed=9))
-  reference = _take(plain, 8)
-  prefetched = pipeline.prefetch_to_device(iter(_train(source, seed=9)), size=3,
-                                           sharding=sharding)
+  return NamedSharding(mesh, P("data"))
+
+
+def test_device_iterator_state_is_that_of_the_last_consumed_batch(source):
+  import jax
+
+  sharding = _mesh_sharding()
+  reference = _take(iter(_train(source, seed=9)), 8)
+  prefetched = pipeline.device_iterator(_train(source, seed=9), sharding, size=3)
   initial = prefetched.get_state()
   first = _take(prefetched, 3)
   assert isinstance(first[0]["image"], jax.Array) and first[0]["image"].sharding == sharding
@@ -266,7 +273,7 @@ def test_prefetch_to_device_state_is_that_of_the_last_consumed_batch(source):
   state = prefetched.get_state()  # the reader is ahead by up to 3 more batches
   check = iter(_train(source, seed=9))
   _take(check, 3)
-  assert state == check.get_state()
+  assert state == check.get_state()  # exactly the plain stream's state after 3 batches
   resumed = iter(_train(source, seed=9))
   resumed.set_state(state)
   _assert_same_batches(reference[3:6], _take(resumed, 3))
@@ -277,27 +284,34 @@ def test_prefetch_to_device_state_is_that_of_the_last_consumed_batch(source):
   _assert_same_batches(reference[:2], _take(prefetched, 2))
   prefetched.close()
 
-  finite = pipeline.prefetch_to_device(_CountingIterator(3), size=2)
+  numbered = grain.MapDataset.range(3).map(_Numbered()).to_iter_dataset()
+  finite = pipeline.device_iterator(numbered, sharding, size=2)
   assert [int(b["label"][0]) for b in finite] == [0, 1, 2]
-  assert finite.get_state() == {"position": 3}
-  broken = pipeline.prefetch_to_device(_CountingIterator(5, fail_at=2), size=4)
+  broken = pipeline.device_iterator(
+      grain.MapDataset.range(5).map(_Numbered(fail_at=2)).to_iter_dataset(), sharding, size=4)
   _take(broken, 2)
   with pytest.raises(RuntimeError, match="broken record"):
     next(broken)
-  assert broken.get_state() == {"position": 2}
 
 
-def test_prefetch_to_device_round_trips_through_a_checkpoint(source, tmp_path):
+def test_device_iterator_round_trips_through_a_checkpoint(source, tmp_path):
+  import optax
+  from flax import nnx
+
   from bmcc import checkpointing
 
+  sharding = _mesh_sharding()
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   reference = _take(iter(_train(source, seed=4)), 5)
-  prefetched = pipeline.prefetch_to_device(iter(_train(source, seed=4)), size=2)
+  prefetched = pipeline.device_iterator(_train(source, seed=4), sharding, size=2)
   _take(prefetched, 2)
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", asynchronous=False)
-  ckpt.save(1, {"w": np.zeros(2, np.float32)}, prefetched, {"note": "test"}, force=True)
+  ckpt.save(1, model=model, optimizer=optimizer, ema_model=None, data_iterator=prefetched,
+            metadata={"note": "test"})
   ckpt.wait_until_finished()
-  restored = pipeline.prefetch_to_device(iter(_train(source, seed=4)), size=2)
-  ckpt.restore(1, {"w": np.zeros(2, np.float32)}, restored)
+  restored = pipeline.device_iterator(_train(source, seed=4), sharding, size=2)
+  ckpt.restore(1, model=model, optimizer=optimizer, data_iterator=restored)
   _assert_same_batches(reference[2:5], _take(restored, 3))
   ckpt.close()
   prefetched.close()
@@ -377,8 +391,7 @@ def test_record_index_is_read_once_and_cached(source, tmp_path):
   assert relabelled[29] == 3 and counting.reads > 16 + 50
   stale, _ = sampling.read_record_index(FakeSource(30), path)  # another length: read again
   assert len(stale) == 30
-  indices, run_labels = pipeline.training_labels(
-      source, mapping=pipeline.ClassMapping.create(["EBO", "ABE"]), process_index=1,
-      process_count=2)
-  np.testing.assert_array_equal(indices, [21, 25])  # odd positions with labels 0 or 4
-  np.testing.assert_array_equal(run_labels, [1, 0])
+  indices, run_labels = pipeline.select_records(
+      source, pipeline.ClassMapping.create(["EBO", "ABE"]))
+  np.testing.assert_array_equal(indices, [0, 4, 21, 25, 42, 46])  # labels 0 (ABE) or 4 (EBO)
+  np.testing.assert_array_equal(run_labels, [1, 0, 1, 0, 1, 0])

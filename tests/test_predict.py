@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from bmcc import checkpointing, evaluate, predict, synthetic, train
-from bmcc.data import pipeline
+from bmcc import checkpointing, predict, steps, synthetic
+from bmcc.data import classes, decode
 from configs import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def _random_model(config) -> nnx.Module:
   Built abstractly and filled from numpy: running the model's own initialisers would cost ~30 s
   of one-off XLA compilation on a CPU, the weights' values do not matter here.
   """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: train.create_model(config, NUM_CLASSES)))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: steps.create_model(config, NUM_CLASSES)))
   rng = np.random.default_rng(0)
 
   def fill(path, leaf):
@@ -65,14 +65,12 @@ def _write_checkpoint(workdir: str) -> None:
   """Saves a random model in the real checkpoint layout: state, data iterator, run metadata."""
   config = _tiny_config()
   model = _random_model(config)
-  optimizer = nnx.Optimizer(model, train.create_optimizer(
-      config, train.create_learning_rate_fn(config)), wrt=nnx.Param)
-  state = {"model": nnx.to_pure_dict(nnx.state(model)),
-           "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, steps.create_learning_rate_fn(
+      config, steps.resolve_durations(config, 100))), wrt=nnx.Param)
   data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ckpt.save(3, state, data_iterator, train.run_metadata(
-      config, pipeline.ClassMapping.create(None)), force=True)
+  ckpt.save(3, model=model, optimizer=optimizer, ema_model=None, data_iterator=data_iterator,
+            metadata=checkpointing.run_metadata(config, classes.CODES))
   ckpt.close()
 
 
@@ -228,34 +226,34 @@ def test_decompression_bomb_warning_range_also_fails(setup, tmp_path, monkeypatc
 def test_read_image_matches_the_training_decoder(setup):
   data = synthetic.image_bytes("BLA", 7)
   path = _write(setup["root"] / "decoder" / "x.jpg", data)
-  image, size = predict.read_image(path, IMAGE_SIZE)
+  image, size = decode.read_image(path, IMAGE_SIZE)
   assert size == (250, 250)
-  np.testing.assert_array_equal(image, pipeline.decode_image(data, IMAGE_SIZE))
+  np.testing.assert_array_equal(image, decode.decode_image(data, IMAGE_SIZE))
   # 16-bit: scaled to 8 bits, not clipped to white.
-  grey, _ = predict.read_image(setup["root"] / "mixed" / "e_16bit.tif", IMAGE_SIZE)
+  grey, _ = decode.read_image(setup["root"] / "mixed" / "e_16bit.tif", IMAGE_SIZE)
   assert grey.dtype == np.uint8 and 30 < grey.mean() < 250
 
 
 def test_load_model_restores_the_saved_weights(setup):
-  model, meta, step = predict.load_model(setup["workdir"], "best")  # no best: the latest
+  model, meta, step = checkpointing.restore_model(setup["workdir"], "best")  # no best: the latest
   assert step == 3 and meta["image_size"] == IMAGE_SIZE and len(meta["classes"]) == NUM_CLASSES
   expected = nnx.to_pure_dict(nnx.state(_random_model(_tiny_config())))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), expected)
 
 
 def test_dihedral_average_is_the_mean_over_the_8_views_and_invariant(setup):
-  model, _, _ = predict.load_model(setup["workdir"])
+  model, _, _ = checkpointing.restore_model(setup["workdir"])
   images = np.random.default_rng(0).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
   views = []
   for k in range(4):
     rotated = np.rot90(images, k, axes=(1, 2))
     views += [rotated, rotated[:, :, ::-1]]
-  expected = np.mean([np.asarray(evaluate.eval_step(model, np.ascontiguousarray(v)))
+  expected = np.mean([np.asarray(steps.eval_step(model, np.ascontiguousarray(v)))
                       for v in views], axis=0)
-  tta = np.asarray(predict.dihedral_average(model, images))
+  tta = np.asarray(steps.dihedral_average(model, images))
   np.testing.assert_allclose(tta, expected, atol=1e-6)
   np.testing.assert_allclose(tta.sum(-1), 1, atol=1e-5)
-  turned = np.asarray(predict.dihedral_average(model, np.ascontiguousarray(
+  turned = np.asarray(steps.dihedral_average(model, np.ascontiguousarray(
       np.rot90(images, 1, axes=(1, 2))[:, ::-1])))
   np.testing.assert_allclose(turned, tta, atol=1e-6)
 

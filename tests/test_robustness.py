@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bmcc import checkpointing, train
+from bmcc import checkpointing, steps, train
 from configs import tiny
 from tests import helpers
 
@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(
   config.data.cache_dir = cache_dir
   config.num_train_steps = 20
   config.log_every_steps = 10  # the bad step (13) falls between logs and checkpoints
-  original = train.train_step
+  original = steps.train_step
   calls = {"n": 0}
 
   def poisoned_step(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(
       out = dict(out, loss=out["loss"] * np.nan)
     return out
 
-  monkeypatch.setattr(train, "train_step", poisoned_step)
+  monkeypatch.setattr(steps, "train_step", poisoned_step)
   workdir = str(tmp_path / "nan")
   with pytest.raises(FloatingPointError, match="step 13"):
     train.train_and_evaluate(config, workdir)

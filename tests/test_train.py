@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmcc import config_validation, train
+from bmcc import checkpointing, config_validation, steps
 from configs import demo
 
 
@@ -21,24 +21,26 @@ def _config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def _lr(config):
+  return steps.create_learning_rate_fn(config, steps.resolve_durations(config, 100))
+
+
 def _replicated_model_and_optimizer(config, mesh):
-  model = train.create_model(config, 21)
-  optimizer = nnx.Optimizer(
-      model, train.create_optimizer(config, train.create_learning_rate_fn(config)),
-      wrt=nnx.Param)
+  model = steps.create_model(config, 21)
+  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, _lr(config)), wrt=nnx.Param)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), replicated))
   return model, optimizer, replicated
 
 
 def _run_steps(devices, batches, config):
-  mesh = train.create_mesh(devices)
+  mesh = steps.create_mesh(devices)
   model, optimizer, _ = _replicated_model_and_optimizer(config, mesh)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   losses = []
   with jax.set_mesh(mesh):
     for step, (images, labels) in enumerate(batches, start=1):
-      out = train.train_step(model, optimizer, jax.device_put(images, sharding),
+      out = steps.train_step(model, optimizer, jax.device_put(images, sharding),
                              jax.device_put(labels, sharding),
                              jax.random.fold_in(jax.random.key(1), step))
       losses.append(float(out["loss"]))
@@ -66,15 +68,15 @@ def test_train_step_on_four_devices_matches_one_device():
 def test_learning_rate_schedule_values():
   config = _config(learning_rate=1e-3, warmup_steps=10, num_train_steps=110,
                    end_learning_rate_factor=0.01, lr_schedule="cosine")
-  lr = train.create_learning_rate_fn(config)
+  lr = _lr(config)
   np.testing.assert_allclose(
       [lr(0), lr(5), lr(10), lr(60), lr(110)],
       [0.0, 5e-4, 1e-3, 1e-3 * (0.01 + 0.99 * 0.5), 1e-5], rtol=1e-6)
   config.lr_schedule = "linear"
-  lr = train.create_learning_rate_fn(config)
+  lr = _lr(config)
   np.testing.assert_allclose([lr(10), lr(60), lr(110)], [1e-3, 5.05e-4, 1e-5], rtol=1e-6)
   config.lr_schedule = "constant"
-  lr = train.create_learning_rate_fn(config)
+  lr = _lr(config)
   np.testing.assert_allclose([lr(5), lr(100)], [5e-4, 1e-3], rtol=1e-6)
 
 
@@ -82,7 +84,7 @@ def test_weight_decay_only_on_kernels():
   config = _config(weight_decay=0.5, grad_clip_norm=None, learning_rate=0.1, warmup_steps=0,
                    lr_schedule="constant")
   params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones((2,), np.float32)}
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  tx = steps.create_optimizer(config, _lr(config))
   zeros = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)))  # decayed
@@ -134,17 +136,17 @@ def test_checkpoint_metadata_mismatch_is_an_error():
            "image_size": 48}
   same = {"model": "simple_cnn", "model_config": {"features": (4, 8)}, "classes": ("BLA", "EBO"),
           "image_size": 48}
-  config_validation.check_checkpoint_metadata(saved, same, "w")  # tuples vs lists: compatible
+  checkpointing.check_compatible(saved, same, "w")  # tuples vs lists: compatible
   other = dict(same, classes=("BLA",))
   with pytest.raises(config_validation.ConfigError, match="classes"):
-    config_validation.check_checkpoint_metadata(saved, other, "w")
+    checkpointing.check_compatible(saved, other, "w")
 
 
 def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
   config = _config(warmup_steps=0, ema_decay=0.5)
-  mesh = train.create_mesh(jax.devices()[:4])
+  mesh = steps.create_mesh(jax.devices()[:4])
   model, optimizer, replicated = _replicated_model_and_optimizer(config, mesh)
-  ema = train.steps.create_ema(config, model)
+  ema = steps.create_ema(config, model)
   ema_model = ema.apply_to(model)
   tracked = (nnx.Param, nnx.BatchStat)
 
@@ -158,7 +160,7 @@ def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
     for step in range(1, 4):
       images = rng.integers(0, 255, (8, 24, 24, 3), dtype=np.uint8)
       labels = rng.integers(0, 21, (8,), dtype=np.int32)
-      train.train_step(model, optimizer, jax.device_put(images, sharding),
+      steps.train_step(model, optimizer, jax.device_put(images, sharding),
                        jax.device_put(labels, sharding), jax.random.key(step), None, ema)
       # ema <- d * ema + (1 - d) * weights after the update, batch-norm statistics included.
       expected = jax.tree.map(lambda e, w: 0.5 * e + 0.5 * w, expected, numpy_state(model))
@@ -173,5 +175,5 @@ def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
 
 def test_no_ema_without_a_decay():
   linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-  assert train.steps.create_ema(_config(), linear) is None
-  assert train.steps.create_ema(_config(ema_decay=0.0), linear) is None
+  assert steps.create_ema(_config(), linear) is None
+  assert steps.create_ema(_config(ema_decay=0.0), linear) is None

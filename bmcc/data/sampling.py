@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from bmcc.atomic import atomic_write
+
 _READ_BATCH = 1024  # records per read when the source supports batched reads (`__getitems__`)
 
 
@@ -101,12 +103,9 @@ def read_record_index(source, cache_path: str | os.PathLike | None = None
       file_names.append(name)
   file_names = np.asarray(file_names, dtype=str)
   if cache_path is not None:
-    cache_path = os.fspath(cache_path)
-    tmp = f"{cache_path}.{os.getpid()}.tmp.npz"
     try:
       os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-      np.savez(tmp, label=labels, file_name=file_names)
-      os.replace(tmp, cache_path)
+      atomic_write(cache_path, lambda f: np.savez(f, label=labels, file_name=file_names))
     except OSError as e:  # e.g. a read-only dataset folder: work without the cache
       logging.warning("Could not cache the record labels in %s: %s", cache_path, e)
   return labels, file_names

@@ -81,6 +81,15 @@ class Selection:
     """The prepared splits this role reads."""
     return SPLITS if self.uses_folds else (self.role,)
 
+  def keep(self, file_names, labels=None):
+    """bool [N]: which of the records (file names and dataset labels) of the role's splits it uses.
+
+    A function of the whole set of names, so that a selection can be stratified by class.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    return np.fromiter((self(str(name)) for name in file_names), bool, len(file_names))
+
   def __call__(self, file_name: str) -> bool:
     if not self.uses_folds:
       return True

@@ -19,11 +19,10 @@ split of every file) are written next to the shards by `prepare()`.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import csv
 import functools
 import hashlib
-import itertools
+import io
 import json
 import logging
 import os
@@ -35,8 +34,10 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import writer as writer_lib
 
+from bmcc.atomic import atomic_write
 from bmcc.data import classes, discovery, splits
 from bmcc.data.validation import BadImageError, validate_jpeg
+from bmcc.parallel import ordered_map
 
 # Files other projects delete as bad or duplicated (reason unpublished; DATASET.md). Our choice:
 # leave them out of the prepared dataset, list them in the build report as excluded. They are 10
@@ -153,26 +154,20 @@ class Builder(tfds.core.ShardBasedBuilder):
           total=split_size, desc=f"Preparing {split} images...", unit=" images", leave=False,
           mininterval=1.0)
     progress = self._progress[split]
-    todo = iter(entries)
-    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-      pending = collections.deque(pool.submit(load, e) for e in itertools.islice(todo, _WINDOW))
-      while pending:
-        entry, data, reason = pending.popleft().result()
-        following = next(todo, None)
-        if following is not None:
-          pending.append(pool.submit(load, following))
-        progress.update(1)
-        if data is None:
-          logging.warning("Skipping %s: %s", entry.file_name, reason)
-          self.skipped.append((entry.file_name, reason))
-          continue
-        self.assignments.append((entry.file_name, entry.code, split))
-        self._yielded[split] += 1
-        yield entry.file_name, {
-            "image": data,
-            "label": entry.code,
-            "file_name": entry.file_name,
-        }
+    for entry, data, reason in ordered_map(load, entries, num_threads=_THREADS, window=_WINDOW,
+                                           thread_name_prefix="bmcc-prepare"):
+      progress.update(1)
+      if data is None:
+        logging.warning("Skipping %s: %s", entry.file_name, reason)
+        self.skipped.append((entry.file_name, reason))
+        continue
+      self.assignments.append((entry.file_name, entry.code, split))
+      self._yielded[split] += 1
+      yield entry.file_name, {
+          "image": data,
+          "label": entry.code,
+          "file_name": entry.file_name,
+      }
     if not last_shard:
       return
     progress.close()
@@ -182,13 +177,6 @@ class Builder(tfds.core.ShardBasedBuilder):
           f"found in {found.container!r} and {split_size} of them were assigned to {split!r} "
           f"(all unreadable, or none). Every split ({', '.join(splits.SPLITS)}) needs at least "
           "one image; add more images to the download.")
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _report(builder: Builder) -> dict:
@@ -214,13 +202,12 @@ def _report(builder: Builder) -> dict:
 
 
 def _write_manifest(path: str, assignments: list[tuple[str, str, str]]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["file_name", "code", "label", "split"])
-    for file_name, code, split in sorted(assignments):
-      writer.writerow([file_name, code, classes.CODES.index(code), split])
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["file_name", "code", "label", "split"])
+  for file_name, code, split in sorted(assignments):
+    writer.writerow([file_name, code, classes.CODES.index(code), split])
+  atomic_write(path, text.getvalue())
 
 
 def prepare(data_dir: str, manual_dir: str) -> Builder:
@@ -247,7 +234,7 @@ def prepare(data_dir: str, manual_dir: str) -> Builder:
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual))
   report = _report(builder)
-  _write_atomic(os.path.join(builder.data_dir, "build_report.json"), json.dumps(report, indent=2))
+  atomic_write(os.path.join(builder.data_dir, "build_report.json"), json.dumps(report, indent=2))
   _write_manifest(os.path.join(builder.data_dir, "splits.csv"), builder.assignments)
   logging.info("Prepared %d images into %s.", report["images_prepared"], builder.data_dir)
   if report["missing_classes"]:
