@@ -1,19 +1,24 @@
 """Demo: a small synthetic dataset in the real on-disk layout, trained on the CPU in minutes.
 
-  python main.py --config configs/demo.py --workdir runs/demo      # or: make demo
+  python main.py --config configs/demo.py --workdir workdirs/demo      # or: make demo
 
-Writes ~2,300 synthetic 250 x 250 JPEGs (with three planted bad files) in the Kaggle layout into
+Writes ~2,300 synthetic 250 x 250 JPEGs (three planted bad files) in the Kaggle layout into
 ~/.cache/bmcc on first use, prepares them with the TFDS builder, trains SimpleCNN at 48 px for 400
-steps of batch 32 with the default augmentation and evaluates on the test split (248 images).
+steps of batch 32 (about 7 epochs of the 1,850 training images) and evaluates on the test split
+(248 images).
 
-Measured on 2 CPU cores (shared with other jobs), data already cached: 3 min 43 s; test accuracy
-0.891, balanced accuracy 0.679, macro F1 0.668. With XLA_FLAGS=
---xla_force_host_platform_device_count=4 (4 devices): 3 min 21 s; 0.867 / 0.664 / 0.664.
-Stated bar (tests/test_end_to_end.py): test balanced accuracy >= 0.60."""
+Measured on 2 shared CPU cores, data cached: 1 min 42 s; test accuracy 0.964, balanced accuracy
+0.892, macro F1 0.897. With 4 fake devices (XLA_FLAGS=--xla_force_host_platform_device_count=4):
+2 min 19 s; 0.944 / 0.817 / 0.837 (rounding differs; a few images per rare class move the
+balanced accuracy). tests/test_end_to_end.py holds the 1-device run to BALANCED_ACCURACY_BAND.
+"""
 
 import ml_collections
 
 from configs import simple_cnn
+
+# The test balanced accuracy the command above must reach (README states the same band).
+BALANCED_ACCURACY_BAND = (0.80, 0.95)
 
 
 def get_config() -> ml_collections.ConfigDict:

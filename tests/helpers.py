@@ -1,5 +1,6 @@
 """Shared test helpers: run main.py in a subprocess, read a run's final parameters."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -7,6 +8,10 @@ import sys
 from bmcc import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every config module in configs/, by name.
+CONFIG_NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
+                      for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                      if not p.endswith("__init__.py"))
 
 
 # Skips LLVM's optimisation passes: CPU compilations take a fraction of the time; the programs

@@ -8,7 +8,6 @@ subprocess on configs/tiny.py with the four fake CPU devices of conftest.py.
 
 from __future__ import annotations
 
-import glob
 import importlib
 import os
 import re
@@ -22,11 +21,9 @@ from flax import nnx
 
 from bmcc import config_validation, models
 from bmcc.data import classes
+from tests.helpers import CONFIG_NAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_NAMES = sorted(os.path.splitext(os.path.basename(p))[0]
-                      for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                      if not p.endswith("__init__.py"))
 
 
 def _config(name: str):

@@ -15,11 +15,15 @@ import json
 import math
 import os
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
-from bmcc import checkpointing, train
+from bmcc import checkpointing, steps, train
+from bmcc.data import classes
 from configs import tiny
-from tests.test_bench_configs import CONFIG_NAMES
+from tests.helpers import CONFIG_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,7 @@ def _shrunk(name: str, cache_dir: str):
   config.data.synthetic = small.data.synthetic
   config.data.cache_dir = cache_dir
   config.data.num_workers = 0
-  # One image per fake device, and evaluation batches of the size the TensorBoard sample grid
-  # uses (16), so one evaluation program serves both.
+  # One image per fake device; evaluation in batches of 16.
   config.image_size = 32
   config.batch_size = 4
   config.eval_batch_size = 16
@@ -53,14 +56,15 @@ def test_config_trains_a_few_steps(name, cache_dir, tmp_path):
   assert report["checkpoint_step"] == 2
   assert report["num_examples"] > 0
   assert all(math.isfinite(report[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1"))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  try:
-    assert ckpt.latest_step() == 2
-    meta = ckpt.metadata(2)
-    items = set(os.listdir(os.path.join(ckpt.directory, "2", "state")))
-  finally:
-    ckpt.close()
-  assert meta["model"] == config.model and meta["ema_decay"] == config.ema_decay
+  # The checkpoint holds the config's whole model (the weight average when it keeps one), every
+  # parameter finite, and the metadata to rebuild it.
+  model, meta, step = checkpointing.restore_model(workdir, "latest")
+  assert step == 2
+  assert meta["model"] == config.model and meta["ema_decay"] == (config.ema_decay or None)
+  assert meta["classes"] == list(classes.CODES) and meta["image_size"] == 32
+  restored = nnx.state(model, nnx.Param)
+  expected = nnx.state(nnx.eval_shape(lambda: steps.create_model(config, 21)), nnx.Param)
+  assert jax.tree.map(np.shape, restored) == jax.tree.map(np.shape, expected)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model_config"] == json.loads(config.model_config.to_json())
-  assert items, "empty state item"

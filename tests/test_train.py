@@ -80,6 +80,30 @@ def test_learning_rate_schedule_values():
   np.testing.assert_allclose([lr(5), lr(100)], [5e-4, 1e-3], rtol=1e-6)
 
 
+def test_durations_in_epochs_follow_the_batch_size_and_steps_win():
+  from configs import default
+
+  config = default.get_config()  # 30 epochs, 2 warm-up, eval every 2, checkpoint every 1
+  assert steps.resolve_durations(config, steps_per_epoch=535) == steps.Durations(
+      total=16_050, warmup=1_070, eval_every=1_070, checkpoint_every=535)
+  # Twice the batch: half the steps per epoch, the same epochs.
+  assert steps.resolve_durations(config, steps_per_epoch=267) == steps.Durations(
+      total=8_010, warmup=534, eval_every=534, checkpoint_every=267)
+  config.num_train_steps, config.eval_every_steps = 100, 7  # a step count, when set, wins
+  config.warmup_steps = 10
+  assert steps.resolve_durations(config, 535) == steps.Durations(100, 10, 7, 535)
+  config.eval_every_steps = None
+  config.eval_every_epochs = 0.001  # never below one step
+  assert steps.resolve_durations(config, 535).eval_every == 1
+  config.warmup_steps = None
+  with pytest.raises(ValueError, match="Warm-up"):  # 2 warm-up epochs > 100 steps
+    steps.resolve_durations(config, 535)
+  config.num_epochs, config.warmup_epochs = 3.0, 4.0
+  config.num_train_steps = None
+  with pytest.raises(config_validation.ConfigError, match="warmup_epochs"):
+    config_validation.validate(config, "/tmp/bmcc-durations")
+
+
 def test_weight_decay_only_on_kernels():
   config = _config(weight_decay=0.5, grad_clip_norm=None, learning_rate=0.1, warmup_steps=0,
                    lr_schedule="constant")
