@@ -38,7 +38,7 @@ def test_the_new_configs_are_found():
 def test_config_has_the_keys_the_outside_relies_on(name):
   config = _config(name)
   for key in ("data.manual_dir", "data.data_dir", "data.classes", "image_size", "model",
-              "batch_size", "num_train_steps", "seed"):
+              "batch_size", "num_epochs", "num_train_steps", "seed"):
     node = config
     for part in key.split("."):
       assert part in node, f"configs/{name}.py has no {key}"
@@ -72,9 +72,10 @@ def test_resnet_recipes(name):
   assert set(config.model_config) <= {"dtype", "dropout", "width", "zero_init_residual"}
   assert config.optimizer == "adamw" and config.lr_schedule == "cosine"
   assert config.weight_decay == 0.05 and config.label_smoothing == 0.1
-  epoch = 137_000 // config.batch_size
-  assert config.warmup_steps == 2 * epoch and config.num_train_steps == 30 * epoch
-  assert config.eval_every_steps == 2 * epoch and config.checkpoint_every_steps == epoch
+  assert (config.num_epochs, config.warmup_epochs) == (30.0, 2.0)
+  assert (config.eval_every_epochs, config.checkpoint_every_epochs) == (2.0, 1.0)
+  for key in ("num_train_steps", "warmup_steps", "eval_every_steps", "checkpoint_every_steps"):
+    assert config.get(key) is None, key  # durations in epochs: nothing to scale by hand
 
 
 def test_default_is_the_argued_recipe_and_the_variants_differ_from_it_as_documented():
