@@ -96,6 +96,17 @@ def test_registers_folded_into_cls_token():
     np.testing.assert_allclose(dinov2_state[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
 
 
+def test_block_chunked_dinov2_keys():
+  # DINOv2 trained with block_chunks > 0 names block i `blocks.<chunk>.<i>.`.
+  teacher = weight_files.read(FIXTURES / "vit_plain_dinobloom.pth")["teacher"]
+  chunked = {k.replace("backbone.blocks.1.", "backbone.blocks.1.1."): v
+             for k, v in teacher.items()}
+  assert "backbone.blocks.1.1.attn.qkv.weight" in chunked
+  state, _ = layouts.canonical_state_dict({"teacher": chunked})
+  reference, _ = layouts.canonical_state_dict({"teacher": teacher})
+  assert sorted(state) == sorted(reference)
+
+
 def test_position_embedding_224_run_at_252():
   fixture = MANIFEST["fixtures"]["vit_plain"]
   model = _load("vit_plain", "vit_plain_timm.safetensors")
