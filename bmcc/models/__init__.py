@@ -14,6 +14,13 @@ from flax import nnx
 
 from bmcc.models.resnet import resnet18, resnet34, resnet50, resnext50_32x4d
 from bmcc.models.simple_cnn import SimpleCNN
+from bmcc.models.vit import (
+  PATCH_SIZE,
+  vit_base_patch14,
+  vit_giant_patch14,
+  vit_large_patch14,
+  vit_small_patch14,
+)
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "resnet18": resnet18,
@@ -21,6 +28,10 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "resnet50": resnet50,
     "resnext50_32x4d": resnext50_32x4d,
     "simple_cnn": SimpleCNN,
+    "vit_base_patch14": vit_base_patch14,
+    "vit_giant_patch14": vit_giant_patch14,
+    "vit_large_patch14": vit_large_patch14,
+    "vit_small_patch14": vit_small_patch14,
 }
 
 
@@ -33,11 +44,14 @@ def min_image_size(name: str, model_config: dict[str, Any]) -> int:
   """The smallest square input `name` with `model_config` maps to a non-empty feature map.
 
   SimpleCNN halves the size once per block (a 16 px input to its five default blocks would
-  leave 0 x 0 pixels and a NaN loss); the ResNets pad, so any size leaves at least 1 x 1.
+  leave 0 x 0 pixels and a NaN loss); the ResNets pad, so any size leaves at least 1 x 1; a ViT
+  needs one 14 px patch.
   """
   if name == "simple_cnn":
     features = model_config.get("features", SimpleCNN.DEFAULT_FEATURES)
     return 2 ** len(features)
+  if name.startswith("vit_"):
+    return PATCH_SIZE
   return 1
 
 

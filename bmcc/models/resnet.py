@@ -127,7 +127,7 @@ class ResNet(nnx.Module):
 
   Attributes:
     stem: the `Stem` (callable on its own, e.g. to inspect activations).
-    blocks: `nnx.List` of all residual blocks, stage by stage.
+    blocks: `nnx.List` of all residual blocks, stage by stage (`stage_sizes` blocks per stage).
     head: the linear classifier on the globally average-pooled features.
   """
 
@@ -153,6 +153,7 @@ class ResNet(nnx.Module):
     """
     compute_dtype = jnp.dtype(dtype)
     self.compute_dtype = compute_dtype
+    self.stage_sizes = tuple(stage_sizes)
     self.stem = Stem(in_features, width, dtype=compute_dtype, rngs=rngs)
     blocks = []
     features = width
@@ -183,25 +184,29 @@ class ResNet(nnx.Module):
     return self.head(x).astype(jnp.float32)
 
 
+def _build(num_classes: int, rngs: nnx.Rngs, defaults: dict[str, Any], kwargs: dict[str, Any]
+           ) -> ResNet:
+  """A ResNet from a named architecture's `defaults`, overridden by `kwargs` (e.g. tiny test
+  variants with fewer blocks per stage)."""
+  return ResNet(num_classes=num_classes, rngs=rngs, **{**defaults, **kwargs})
+
+
 def resnet18(*, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
   """ResNet-18: basic blocks [2, 2, 2, 2]."""
-  return ResNet(num_classes=num_classes, rngs=rngs, block=BasicBlock, stage_sizes=(2, 2, 2, 2),
-                **kwargs)
+  return _build(num_classes, rngs, dict(block=BasicBlock, stage_sizes=(2, 2, 2, 2)), kwargs)
 
 
 def resnet34(*, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
   """ResNet-34: basic blocks [3, 4, 6, 3]."""
-  return ResNet(num_classes=num_classes, rngs=rngs, block=BasicBlock, stage_sizes=(3, 4, 6, 3),
-                **kwargs)
+  return _build(num_classes, rngs, dict(block=BasicBlock, stage_sizes=(3, 4, 6, 3)), kwargs)
 
 
 def resnet50(*, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
   """ResNet-50 (v1.5): bottleneck blocks [3, 4, 6, 3]."""
-  return ResNet(num_classes=num_classes, rngs=rngs, block=Bottleneck, stage_sizes=(3, 4, 6, 3),
-                **kwargs)
+  return _build(num_classes, rngs, dict(block=Bottleneck, stage_sizes=(3, 4, 6, 3)), kwargs)
 
 
 def resnext50_32x4d(*, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
   """ResNeXt-50 32x4d: bottlenecks [3, 4, 6, 3] with 32-group 3x3 convs, 4 channels per group."""
-  return ResNet(num_classes=num_classes, rngs=rngs, block=Bottleneck, stage_sizes=(3, 4, 6, 3),
-                groups=32, group_width=4, **kwargs)
+  return _build(num_classes, rngs,
+                dict(block=Bottleneck, stage_sizes=(3, 4, 6, 3), groups=32, group_width=4), kwargs)
