@@ -4,7 +4,8 @@ Two on-disk formats are read directly:
 
 - safetensors (`.safetensors`): an 8-byte little-endian header length, a JSON header naming each
   tensor's dtype, shape and byte range, then the raw bytes. Read through a memory map, so only the
-  tensors used are paged in.
+  tensors used are paged in. (Not `safetensors.numpy`: its released loaders have no bfloat16,
+  which numpy lacks, and copy every tensor; here `ml_dtypes.bfloat16` and a memory map.)
 - PyTorch's zip serialisation (`torch.save` since torch 1.6: `.pth`, `.pt`, `.bin`): a zip holding
   `data.pkl` and one file per storage. The pickle is read with a restricted unpickler that only
   rebuilds tensors, parameters and plain containers, like `torch.load(weights_only=True)`, and
