@@ -74,6 +74,8 @@ def _write_checkpoint(workdir: str) -> None:
   ckpt.save(3, state, data_iterator, train.run_metadata(
       config, pipeline.ClassMapping.create(None)), force=True)
   ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # as a training run writes it
+    f.write(config.to_json_best_effort(indent=2))
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -282,17 +284,21 @@ def test_cli_end_to_end(setup):
   root = setup["root"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   args = [str(root / "good" / "BLA_1.jpg"), str(root / "mixed")]
+  # No --config: the batch size comes from the workdir's config.json.
   proc = subprocess.run(
-      [sys.executable, "main.py", "--mode=predict", "--config", "configs/demo.py",
-       "--workdir", setup["workdir"], "--top_k=2", *args],
+      [sys.executable, "main.py", "--mode=predict", "--workdir", setup["workdir"], "--top_k=2",
+       *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr
   records = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout: only JSON
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  # stderr: only the error lines, then one summary line (no logging).
+  *errors, summary = proc.stderr.splitlines()
   _, expected, expected_errors = _run(setup["workdir"], args, top_k=2)
+  num_bad = sum(e == "error" for _, e in MIXED.values())
   assert len(records) == 1 + sum(e in ("ok", "warn") for _, e in MIXED.values())
-  assert len(errors) == sum(e == "error" for _, e in MIXED.values())
-  assert errors == expected_errors
+  assert errors == expected_errors and len(errors) == num_bad
+  assert summary == (f"predicted {len(records)} of {len(records) + num_bad} file(s); "
+                     f"{num_bad} failed")
   assert [r["path"] for r in records] == [r["path"] for r in expected]
   assert [r["code"] for r in records] == [r["code"] for r in expected]
   for got, want in zip(records, expected, strict=True):
