@@ -199,6 +199,8 @@ def test_bad_files_get_one_error_line_each_and_the_rest_is_predicted(setup, tmp_
     assert sum(f"mixed/{name}: " in line for line in errors) == 1, (name, errors)
   assert all(line.startswith("error: ") for line in errors)
   assert any("missing.jpg: No such file or directory" in line for line in errors)
+  # Worded as the dataset preparation words it (bmcc/data/validation.py).
+  assert any(line.endswith("j_empty.bmp: empty file (0 bytes)") for line in errors), errors
   assert any("i_bomb.png: refused as a possible decompression bomb" in line for line in errors)
   assert any("g_truncated.jpg: cannot decode: image file is truncated" in line
              for line in errors)
