@@ -325,12 +325,31 @@ def confusion_matrix_image(report: dict[str, Any], *, normalize: bool = True) ->
   return np.array(fig.canvas.buffer_rgba(), dtype=np.uint8)[..., :3]
 
 
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux allows (other threads create files
+  meanwhile: orbax's background checkpoint writes)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  umask = os.umask(0o077)  # elsewhere it can only be read by setting it: briefly the strictest
+  os.umask(umask)
+  return umask
+
+
 def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """Writes `path` via a temporary file in its folder and os.replace: readers never see half."""
+  """Writes `path` via a temporary file in its folder and os.replace: readers never see half.
+
+  The file gets the mode `open` would give it (0o666 less the umask), not mkstemp's 0o600.
+  """
   folder, name = os.path.split(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
   try:
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), 0o666 & ~_umask())
       write(f)
       f.flush()
       os.fsync(f.fileno())
