@@ -243,14 +243,16 @@ def main(argv: list[str]) -> int:
   try:
     config = FLAGS.config
     if config is None:
+      # The run's own config, as it trained; not validated again (it may come from an older
+      # bmcc with fewer keys, and evaluate and predict use only its data and batch sizes).
       config = run_config.load_run_config(FLAGS.workdir)
     if mode in ("train", "evaluate"):
       _initialize_distributed()
-    if mode != "predict":  # before any data work (predict needs only eval_batch_size)
+    if mode != "predict" and FLAGS.config is not None:  # before any data work
       config_validation.validate(config, FLAGS.workdir if mode != "prepare" else None,
                                  training=mode == "train")
-      if FLAGS.verbosity < 1:
-        log_setup.quiet_dataset_preparation()
+    if mode != "predict" and FLAGS.verbosity < 1:
+      log_setup.quiet_dataset_preparation()
     if mode == "prepare":
       import logging
 

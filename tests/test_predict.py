@@ -20,7 +20,7 @@ from PIL import Image
 
 from bmcc import checkpointing, evaluate, predict, train
 from bmcc.data import pipeline, synthetic
-from configs import demo
+from configs import demo, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32
@@ -74,7 +74,10 @@ def _write_checkpoint(workdir: str) -> None:
   ckpt.save(3, state, data_iterator, train.run_metadata(
       config, pipeline.ClassMapping.create(None)), force=True)
   ckpt.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:  # as a training run writes it
+  # As a training run writes it; the data of the smallest synthetic dataset, in the test's folder.
+  config.data.synthetic = tiny.get_config().data.synthetic
+  config.data.cache_dir = os.path.join(workdir, "cache")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
@@ -306,3 +309,16 @@ def test_cli_end_to_end(setup):
   for got, want in zip(records, expected, strict=True):
     assert abs(got["probability"] - want["probability"]) < 1e-4
     assert len(got["top_k"]) == 2
+
+
+def test_cli_evaluate_reads_the_workdirs_config(setup):
+  """--mode=evaluate without --config: data and batch size from the workdir's config.json."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--mode=evaluate", "--workdir", setup["workdir"],
+       "--split=validation"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(setup["workdir"], "eval_validation.json")) as f:
+    report = json.load(f)
+  assert report["checkpoint_step"] == 3 and report["num_examples"] > 0
+  assert os.path.isdir(os.path.join(setup["workdir"], "cache"))  # the config's cache_dir
