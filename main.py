@@ -1,22 +1,42 @@
 """bmcc entry point: train, evaluate, predict or prepare the dataset.
 
   python main.py --config configs/demo.py --workdir runs/demo               # train (resumes)
-  python main.py --config configs/demo.py --workdir runs/demo --mode=evaluate --split=test
-  python main.py --config configs/default.py --workdir runs/x --mode=prepare
-  python main.py --config configs/demo.py --workdir runs/demo --mode=predict cell.jpg cells/
+  python main.py --workdir runs/demo --mode=evaluate --split=test            # the run's config.json
+  python main.py --workdir runs/demo --mode=predict cell.jpg cells/
+  python main.py --config configs/default.py --mode=prepare                  # only the dataset
+
+--mode=evaluate and --mode=predict read the configuration the training run saved in
+<workdir>/config.json unless --config is given. Override any config value with
+--config.<key>=<value>, e.g. --config.batch_size=64 --config.data.balance_alpha=0.5.
+
+Exit status: 0 done; 1 some files could not be predicted, or an unexpected error; 2 a bad command
+line, config or workdir, or no dataset (one line `error: ...` on stderr); 3 stopped by SIGTERM or
+Ctrl-C with a checkpoint (rerun to resume); 4 the training diverged (non-finite loss).
+--verbosity=1 also shows the libraries' INFO messages.
 """
 
 from __future__ import annotations
 
+import ast
+import os
+import re
 import sys
+from typing import NoReturn
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(REPO, "configs")
+MODES = ("train", "evaluate", "predict", "prepare")
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file, e.g. configs/demo.py (see the list below). Optional for "
+    "--mode=evaluate and --mode=predict, which read <workdir>/config.json by default.",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
+flags.DEFINE_enum("mode", "train", list(MODES),
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
                   "and folders given as arguments, or prepare the dataset.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
@@ -26,7 +46,131 @@ flags.DEFINE_bool("tta", False,
                   "--mode=predict/evaluate: average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
-flags.mark_flags_as_required(["config"])
+
+_HELP_ARGS = {"--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull",
+              "-helpfull"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: help, and one-line errors (exit status 2) before any heavy import.
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: <message>` (one line) on stderr and exits with status 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def available_configs() -> list[tuple[str, str]]:
+  """(path relative to the repository, first line of its docstring) of every configs/*.py.
+
+  Read with `ast`, without importing anything.
+  """
+  found = []
+  for name in sorted(os.listdir(CONFIGS_DIR)):
+    if not name.endswith(".py") or name.startswith("_"):
+      continue
+    try:
+      with open(os.path.join(CONFIGS_DIR, name)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+      doc = ""
+    found.append((f"configs/{name}", doc.strip().splitlines()[0] if doc.strip() else ""))
+  return found
+
+
+def help_text(full: bool = False) -> str:
+  """The usage (this module's docstring), the flags, and the configs with their first lines."""
+  flag_help = FLAGS.get_help() if full else FLAGS.main_module_help()
+  configs = available_configs()
+  width = max((len(path) for path, _ in configs), default=0)
+  lines = [__doc__.strip(), "", "flags:", flag_help, "", "configs:"]
+  lines += [f"  {path.ljust(width)}  {first}" for path, first in configs]
+  if not full:
+    lines += ["", "--helpfull lists the flags of the libraries as well (logging, ...)."]
+  return "\n".join(lines) + "\n"
+
+
+def _config_argument(argv: list[str]) -> str | None:
+  """The value of --config in `argv` (before any `--`), or None."""
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    match = re.fullmatch(r"--?config(?:=(.*))?", arg)
+    if match:
+      if match.group(1) is not None:
+        return match.group(1)
+      return argv[i + 1] if i + 1 < len(argv) else ""
+  return None
+
+
+def _override_error(argv: list[str], error: Exception) -> str:
+  """One line for an unknown key in a --config.<path>=<value> override."""
+  text = str(error).replace("\\'", "'").replace('\\"', '"').replace("\\n", "\n")
+  keys = re.findall(r"'([A-Za-z_][\w]*)'", text)
+  suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+  key = keys[0] if keys else None
+  for arg in argv:
+    name = arg.split("=", 1)[0].lstrip("-")
+    if key and name.startswith("config.") and name.split(".")[-1] == key:
+      hint = ""
+      if suggestion:
+        hint = f"; did you mean --{name.rsplit('.', 1)[0]}.{suggestion.group(1)}?"
+      return f"--{name}: the config has no key {key!r}{hint}"
+  return f"a --config.<key>=<value> override names a key the config does not have: {text}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with --help on stdout (exit 0) and one-line errors (exit 2).
+
+  Returns the arguments left after the flags (the program name first), as absl's parser does.
+  """
+  before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  help_args = _HELP_ARGS & set(before_separator)
+  if help_args:
+    sys.stdout.write(help_text(full=any("full" in a for a in help_args)))
+    sys.exit(0)
+  config_arg = _config_argument(argv[1:])
+  if config_arg is not None:
+    path = config_arg.split(":", 1)[0]
+    if not os.path.isfile(path):
+      names = ", ".join(p for p, _ in available_configs())
+      fail(f"--config {config_arg}: no such file; the configs are: {names} "
+           "(python main.py --help describes them).")
+  sys.argv = argv  # ml_collections reads the --config.<key> overrides from sys.argv
+  try:
+    return FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    if config_arg is None and e.flagname.startswith("config."):
+      fail(f"--{e.flagname} needs --config <file> before it: overrides change a config file "
+           "(without --config, evaluate and predict use the workdir's config.json as saved).")
+    fail(f"{e} (python main.py --help lists the flags).")
+  except flags.Error as e:
+    fail(f"{e} (python main.py --help lists the flags).")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
+    fail(_override_error(argv, e))
+  except OSError as e:  # ml_collections: the config file could not be read
+    cause = e.__cause__ or e
+    fail(f"--config {config_arg}: cannot be loaded: {str(cause).strip().splitlines()[-1]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a mode.
+
+
+class _LineCounter:
+  """A text stream that forwards to `stream` and counts the lines written."""
+
+  def __init__(self, stream):
+    self.stream = stream
+    self.lines = 0
+
+  def write(self, text: str) -> int:
+    self.lines += text.count("\n")
+    return self.stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
 
 
 def _initialize_distributed() -> None:
@@ -35,7 +179,7 @@ def _initialize_distributed() -> None:
   Explicit: BMCC_COORDINATOR_ADDRESS (host:port of process 0), BMCC_NUM_PROCESSES and
   BMCC_PROCESS_ID. Otherwise jax's own detection (SLURM with more than one task, among others).
   """
-  import os
+  import logging
 
   import jax
 
@@ -53,54 +197,89 @@ def _initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def main(argv: list[str]) -> int:
-  # Imported here so that --help and flag errors come back fast.
+def _check_usage(mode: str, paths: list[str]) -> None:
+  """One-line errors (exit 2) for a command line that cannot work in `mode`."""
+  if mode == "predict" and not paths:
+    fail("--mode=predict needs image files or folders as arguments, e.g. "
+         "python main.py --mode=predict --workdir runs/demo cells/ cell.jpg")
+  if mode != "predict" and paths:
+    fail(f"--mode={mode} takes no arguments, got {' '.join(paths)!r} (only --mode=predict takes "
+         "image files and folders; flags are written --name=value).")
+  if mode != "prepare" and FLAGS.workdir is None:
+    what = "write the run into" if mode == "train" else "read the training run from"
+    fail(f"--mode={mode} needs --workdir (the folder to {what}).")
+  if mode in ("train", "prepare") and FLAGS.config is None:
+    fail(f"--mode={mode} needs --config, e.g. --config configs/demo.py "
+         "(python main.py --help lists the configs).")
 
-  from bmcc import config_validation
+
+def _predict(config, paths: list[str]) -> int:
+  """--mode=predict; stderr gets the error lines and one summary line."""
+  from bmcc import predict
+
+  files = predict.collect_images(paths)
+  stdout = _LineCounter(sys.stdout)
+  status = predict.predict_paths(
+      FLAGS.workdir, paths, checkpoint=FLAGS.checkpoint, batch_size=config.eval_batch_size,
+      top_k=FLAGS.top_k, tta=FLAGS.tta, output_csv=FLAGS.output_csv, stdout=stdout)
+  if files:
+    print(f"predicted {stdout.lines} of {len(files)} file(s); {len(files) - stdout.lines} failed",
+          file=sys.stderr, flush=True)
+  return status
+
+
+def main(argv: list[str]) -> int:
+  mode = FLAGS.mode
+  paths = argv[1:]
+  _check_usage(mode, paths)
+  # Before TensorFlow and JAX are imported (their C++ logs read the environment once).
+  from bmcc import log_setup
+  log_setup.configure(FLAGS.verbosity, own_info=mode != "predict")
+
+  from bmcc import config_validation, run_config
   from bmcc.data import discovery
   from bmcc.preemption import TrainingInterrupted
 
-  config = FLAGS.config
-  if FLAGS.mode in ("train", "evaluate"):
-    _initialize_distributed()
   try:
-    if FLAGS.mode == "prepare":
+    config = FLAGS.config
+    if config is None:
+      # The run's own config, as it trained; not validated again (it may come from an older
+      # bmcc with fewer keys, and evaluate and predict use only its data and batch sizes).
+      config = run_config.load_run_config(FLAGS.workdir)
+    if mode in ("train", "evaluate"):
+      _initialize_distributed()
+    if mode != "predict" and FLAGS.config is not None:  # before any data work
+      config_validation.validate(config, FLAGS.workdir if mode != "prepare" else None,
+                                 training=mode == "train")
+    if mode != "predict" and FLAGS.verbosity < 1:
+      log_setup.quiet_dataset_preparation()
+    if mode == "prepare":
+      import logging
+
       from bmcc.data import loading
       builder = loading.load_builder(config.data)
       logging.info("The dataset is prepared in %s: %s", builder.data_dir,
                    {k: v.num_examples for k, v in builder.info.splits.items()})
-      return 0
-    if FLAGS.workdir is None:
-      raise app.UsageError("--workdir is required for --mode=train and --mode=evaluate.")
-    if FLAGS.mode == "train":
+    elif mode == "train":
       from bmcc import train
       train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "evaluate":
+    elif mode == "evaluate":
       from bmcc import evaluate
       evaluate.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
-                                           checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
-    elif FLAGS.mode == "predict":
-      if len(argv) < 2:
-        raise app.UsageError("--mode=predict needs image files or folders as arguments.")
-      from bmcc import predict
-      return predict.predict_paths(
-          FLAGS.workdir, argv[1:], checkpoint=FLAGS.checkpoint,
-          batch_size=config.eval_batch_size, top_k=FLAGS.top_k, tta=FLAGS.tta,
-          output_csv=FLAGS.output_csv)
+                                checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
+    elif mode == "predict":
+      return _predict(config, paths)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 2
   except FloatingPointError as e:  # a diverged run: the last good checkpoint is kept
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 4
   except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume
-    logging.warning("%s", e)
     print(f"interrupted: {e}", file=sys.stderr)
     return 3
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

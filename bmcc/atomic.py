@@ -12,9 +12,18 @@ from typing import BinaryIO
 
 
 def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+  """The process's umask, read without changing it where Linux allows (other threads create files
+  meanwhile: orbax's background checkpoint writes)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  umask = os.umask(0o077)  # elsewhere it can only be read by setting it: briefly the strictest
+  os.umask(umask)
+  return umask
 
 
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], None]

@@ -2,74 +2,235 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 
 from bmcc import models
-from bmcc.data import classes, splits
+from bmcc.data import augment, classes, splits
+from bmcc.models import resnet
 
 
 class ConfigError(ValueError):
   """A configuration that cannot run, with what to change in its message."""
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ConfigError naming the first problem found in `config` (and `workdir`)."""
-  devices = jax.device_count()
-  if config.model not in models.available():
-    raise ConfigError(
-        f"Unknown model {config.model!r}; available: {', '.join(models.available())}.")
-  if config.data.classes is not None:
+# Compute dtypes the models accept (parameters stay float32).
+DTYPES = ("float32", "bfloat16", "float16")
+# The keyword arguments `config.model_config` may set, per model: the constructor's own, less
+# those the registry fixes for that model.
+_RESNET_FIXED = {"num_classes", "rngs", "block", "stage_sizes"}
+
+
+def _model_keywords(name: str) -> set[str]:
+  if name == "simple_cnn":
+    keywords = set(inspect.signature(models.SimpleCNN.__init__).parameters)
+    return keywords - {"self", "num_classes", "rngs"}
+  keywords = set(inspect.signature(resnet.ResNet.__init__).parameters) - {"self"} - _RESNET_FIXED
+  if name.startswith("resnext"):
+    keywords -= {"groups", "group_width"}
+  return keywords
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _require(ok: bool, key: str, value: Any, requirement: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r} {requirement}.")
+
+
+def _check_int(config: Any, key: str, low: int, *, optional: bool = False,
+               path: str = "") -> None:
+  value = config.get(key)
+  if optional and value is None:
+    return
+  _require(_is_int(value) and value >= low, path + key, value,
+           f"must be an integer >= {low}" + (", or None" if optional else ""))
+
+
+def _check_number(config: Any, key: str, low: float, high: float, *, low_open: bool = False,
+                  high_open: bool = False, optional: bool = False, path: str = "",
+                  note: str = "") -> None:
+  value = config.get(key)
+  if optional and value is None:
+    return
+  ok = _is_number(value) and (value > low if low_open else value >= low) and (
+      value < high if high_open else value <= high)
+  upper = "inf)" if high == math.inf else f"{high:g}" + (")" if high_open else "]")
+  interval = ("(" if low_open else "[") + f"{low:g}, " + upper
+  _require(ok, path + key, value, f"must be a number in {interval}" +
+           (", or None" if optional else "") + note)
+
+
+def _check_choice(config: Any, key: str, choices: Sequence[str], path: str = "") -> None:
+  value = config.get(key)
+  _require(value in choices, path + key, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_pair(data: Any, key: str) -> tuple[float, float]:
+  value = data.get(key)
+  ok = (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+        and all(_is_number(v) for v in value))
+  _require(ok, "data." + key, value, "must be a pair of numbers (low, high)")
+  return float(value[0]), float(value[1])
+
+
+def _validate_data(data: Any) -> None:
+  """The `data` block: paths, synthetic dataset, folds, augmentation, sampling, workers."""
+  for key in ("data_dir", "manual_dir", "cache_dir"):
+    value = data.get(key)
+    _require(value is None or (isinstance(value, str) and value), f"data.{key}", value,
+             "must be a folder path, or None")
+  if data.get("classes") is not None:
+    value = data.classes
+    if isinstance(value, str):
+      raise ConfigError(f"config.data.classes={value!r} must be a tuple of class codes, e.g. "
+                        "--config.data.classes='(\"BLA\",\"EBO\")'.")
     try:
-      codes = classes.validate_codes(config.data.classes)
-    except ValueError as e:
+      codes = classes.validate_codes(value)
+    except (TypeError, ValueError) as e:
       raise ConfigError(f"config.data.classes: {e}") from None
     if len(codes) < 2:
       raise ConfigError("config.data.classes needs at least two classes.")
+  synthetic = data.get("synthetic")
+  if synthetic is not None:
+    _require(isinstance(synthetic, ml_collections.ConfigDict | dict), "data.synthetic",
+             synthetic, "must be None (the real dataset) or a block with scale, minimum, seed")
+    unknown = set(synthetic) - {"scale", "minimum", "seed"}
+    _require(not unknown, "data.synthetic", synthetic,
+             f"has unknown key(s) {sorted(unknown)}; it takes scale, minimum and seed")
+    _check_number(synthetic, "scale", 0, math.inf, low_open=True, path="data.synthetic.")
+    _check_int(synthetic, "minimum", 0, path="data.synthetic.")
+    _check_int(synthetic, "seed", 0, path="data.synthetic.")
+  for key in ("fold", "num_folds"):
+    _check_int(data, key, 0, optional=True, path="data.")
+  if (data.get("fold") is None) != (data.get("num_folds") is None):
+    raise ConfigError(f"config.data.fold={data.get('fold')!r} and config.data.num_folds="
+                      f"{data.get('num_folds')!r}: set both (test on fold i of k) or neither.")
   try:
-    splits.Selection("train", config.data.fold, config.data.num_folds)
+    splits.Selection("train", data.get("fold"), data.get("num_folds"))
   except ValueError as e:
-    raise ConfigError(str(e)) from None
-  for key in ("batch_size", "eval_batch_size"):
-    value = config[key]
-    if not isinstance(value, int) or value <= 0 or value % devices:
-      raise ConfigError(
-          f"config.{key}={value} must be a positive multiple of the device count ({devices}).")
-  if not isinstance(config.image_size, int) or not 16 <= config.image_size <= 1024:
+    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from None
+  _require(isinstance(data.get("augment"), bool), "data.augment", data.get("augment"),
+           "must be True or False")
+  pairs = {key: _check_pair(data, key) for key in ("crop_scale", "crop_ratio", "blur_sigma")}
+  for key in ("color_jitter", "hue_jitter", "blur_prob"):
+    _require(_is_number(data.get(key)), "data." + key, data.get(key), "must be a number")
+  try:  # the ranges, as the training augmentation checks them
+    augment.AugmentConfig(
+        color_jitter=float(data.color_jitter), hue_jitter=float(data.hue_jitter),
+        blur_prob=float(data.blur_prob), **pairs)
+  except ValueError as e:
+    raise ConfigError(f"config.data.{e}") from None
+  _check_number(data, "balance_alpha", 0, math.inf, path="data.",
+                note=" (0: natural sampling, 1: uniform over classes)")
+  _check_number(data, "loss_weight_alpha", 0, math.inf, path="data.",
+                note=" (0: no class weights)")
+  _check_int(data, "num_workers", 0, path="data.")
+
+
+def _validate_model(config: Any) -> None:
+  """`model`, `model_config` and `image_size`."""
+  if config.model not in models.available():
+    raise ConfigError(
+        f"Unknown model {config.model!r} (config.model); available: "
+        f"{', '.join(models.available())}.")
+  model_config = config.get("model_config")
+  _require(isinstance(model_config, ml_collections.ConfigDict | dict), "model_config",
+           model_config, "must be a block of the model's keyword arguments")
+  unknown = set(model_config) - _model_keywords(config.model)
+  if unknown:
+    raise ConfigError(
+        f"config.model_config has key(s) {sorted(unknown)} that {config.model} does not take; "
+        f"it takes: {', '.join(sorted(_model_keywords(config.model)))}.")
+  if "dtype" in model_config:
+    _check_choice(model_config, "dtype", DTYPES, path="model_config.")
+  if "dropout" in model_config:
+    _check_number(model_config, "dropout", 0, 1, high_open=True, path="model_config.")
+  if "features" in model_config:
+    value = model_config.features
+    _require(isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+             and all(_is_int(v) and v > 0 for v in value), "model_config.features", value,
+             "must be a non-empty tuple of positive channel counts")
+  for key in ("dense", "width"):
+    if key in model_config:
+      _check_int(model_config, key, 1, path="model_config.")
+  if "in_features" in model_config:
+    _require(model_config.in_features == 3, "model_config.in_features",
+             model_config.in_features, "must be 3 (the images are RGB)")
+  if "zero_init_residual" in model_config:
+    _require(isinstance(model_config.zero_init_residual, bool),
+             "model_config.zero_init_residual", model_config.zero_init_residual,
+             "must be True or False")
+  if not _is_int(config.image_size) or not 16 <= config.image_size <= 1024:
     raise ConfigError(f"config.image_size={config.image_size} must be an integer in 16..1024.")
-  smallest = models.min_image_size(config.model, config.model_config.to_dict())
+  smallest = models.min_image_size(config.model, model_config.to_dict()
+                                   if isinstance(model_config, ml_collections.ConfigDict)
+                                   else dict(model_config))
   if config.image_size < smallest:
     raise ConfigError(
         f"config.image_size={config.image_size} is too small for {config.model}, whose blocks "
         f"each halve the size: use at least {smallest}, or fewer blocks "
         "(config.model_config.features).")
+
+
+def _validate_schedule(config: Any) -> None:
+  """Steps, optimizer, learning-rate schedule, regularisation, evaluation and checkpoints."""
+  _check_int(config, "seed", 0)
   _check_durations(config)
-  if config.log_every_steps <= 0:
-    raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
-  if config.stop_at_step is not None and config.stop_at_step <= 0:
-    raise ConfigError(f"config.stop_at_step={config.stop_at_step} must be positive or None.")
-  if config.lr_schedule not in ("cosine", "linear", "exponential", "constant"):
-    raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: use cosine, linear, "
-                      "exponential or constant.")
-  for key in ("plateau_patience", "early_stopping_patience"):
-    if config.get(key) is not None and config[key] < 1:
-      raise ConfigError(f"config.{key}={config[key]} must be at least 1, or None.")
-  if not 0 < config.get("plateau_factor", 0.5) < 1:
-    raise ConfigError(f"config.plateau_factor={config.plateau_factor} must be in (0, 1).")
+  _check_int(config, "log_every_steps", 1)
+  _check_int(config, "keep_checkpoints", 1)
+  _check_int(config, "stop_at_step", 1, optional=True)
+  _check_choice(config, "optimizer", ("adam", "adamw"))
+  _check_number(config, "learning_rate", 0, math.inf, low_open=True)
+  _check_choice(config, "lr_schedule", ("cosine", "linear", "exponential", "constant"))
+  _check_number(config, "end_learning_rate_factor", 0, 1,
+                note=" (the final learning rate as a fraction of the peak)")
+  _check_number(config, "weight_decay", 0, math.inf)
+  _check_number(config, "grad_clip_norm", 0, math.inf, optional=True, note=" (0 or None: off)")
+  _check_number(config, "label_smoothing", 0, 1, high_open=True)
   ema_decay = config.get("ema_decay")
-  if ema_decay is not None and not (isinstance(ema_decay, int | float) and 0 <= ema_decay < 1):
+  if ema_decay is not None and not (_is_number(ema_decay) and 0 <= ema_decay < 1):
     raise ConfigError(f"config.ema_decay={ema_decay!r} must be in [0, 1) (0 or None: off).")
-  if config.optimizer not in ("adam", "adamw"):
-    raise ConfigError(f"config.optimizer={config.optimizer!r}: use adam or adamw.")
-  if config.final_eval_checkpoint not in ("best", "latest"):
-    raise ConfigError(
-        f"config.final_eval_checkpoint={config.final_eval_checkpoint!r}: use best or latest.")
-  if config.learning_rate <= 0:
-    raise ConfigError(f"config.learning_rate={config.learning_rate} must be positive.")
-  if config.data.num_workers < 0:
-    raise ConfigError(f"config.data.num_workers={config.data.num_workers} must be >= 0.")
+  for key in ("plateau_patience", "early_stopping_patience"):
+    _check_int(config, key, 1, optional=True)
+  _check_number(config, "plateau_factor", 0, 1, low_open=True, high_open=True)
+  _check_number(config, "min_delta", 0, 1,
+                note=" (the smallest change of validation balanced accuracy that counts)")
+  _check_choice(config, "final_eval_checkpoint", ("best", "latest"))
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+             training: bool = True) -> None:
+  """Raises ConfigError naming the first problem found in `config` (and `workdir`).
+
+  Every key of the configs in `configs/` is checked: its type and its range. `training=False`
+  (evaluating a finished run) does not require the training batch size to divide over this
+  machine's devices. `workdir=None` (preparing the dataset) skips the workdir check.
+  """
+  devices = jax.device_count()
+  _validate_model(config)
+  _validate_data(config.data)
+  for key in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
+    value = config[key]
+    if not _is_int(value) or value <= 0 or value % devices:
+      raise ConfigError(
+          f"config.{key}={value} must be a positive multiple of the device count ({devices}).")
+  _validate_schedule(config)
+  if workdir is None:
+    return
   workdir = os.path.abspath(workdir)
   parent = workdir
   while not os.path.exists(parent):
@@ -78,20 +239,19 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ConfigError(f"The workdir {workdir!r} is not a writable folder.")
 
 
-# Durations: (steps key, epochs key, whether 0 is allowed). A steps key, when set, wins.
-_DURATIONS = (("num_train_steps", "num_epochs", False), ("warmup_steps", "warmup_epochs", True),
-              ("eval_every_steps", "eval_every_epochs", False),
-              ("checkpoint_every_steps", "checkpoint_every_epochs", False))
+# Durations: (steps key, epochs key, smallest value). A `*_steps` value, when set, wins.
+_DURATIONS = (("num_train_steps", "num_epochs", 1), ("warmup_steps", "warmup_epochs", 0),
+              ("eval_every_steps", "eval_every_epochs", 1),
+              ("checkpoint_every_steps", "checkpoint_every_epochs", 1))
 
 
-def _check_durations(config: ml_collections.ConfigDict) -> None:
-  for steps_key, epochs_key, zero_ok in _DURATIONS:
-    steps, epochs = config.get(steps_key), config.get(epochs_key)
-    if steps is None and epochs is None:
+def _check_durations(config: Any) -> None:
+  """Each duration in steps (an integer) or in epochs (a number); warm-up within training."""
+  for steps_key, epochs_key, low in _DURATIONS:
+    _check_int(config, steps_key, low, optional=True)
+    _check_number(config, epochs_key, 0, math.inf, low_open=bool(low), optional=True)
+    if config.get(steps_key) is None and config.get(epochs_key) is None:
       raise ConfigError(f"Set config.{steps_key} or config.{epochs_key}.")
-    for key, value in ((steps_key, steps), (epochs_key, epochs)):
-      if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-        raise ConfigError(f"config.{key}={value} must be {'>= 0' if zero_ok else 'positive'}.")
   total, warmup = config.get("num_train_steps"), config.get("warmup_steps")
   if total is not None and warmup is not None and warmup > total:
     raise ConfigError(f"config.warmup_steps={warmup} must be in 0..num_train_steps ({total}).")

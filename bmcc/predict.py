@@ -127,6 +127,8 @@ class _Item:
 
 def _load(path: str, size: int) -> _Item:
   try:
+    if os.path.getsize(path) == 0:  # worded as the dataset preparation reports it
+      return _Item(path, error="empty file (0 bytes)")
     image, original = read_image(path, size)
   except Exception as e:  # One bad file must never stop the others.
     return _Item(path, error=error_reason(e))

@@ -297,3 +297,21 @@ def test_write_report_and_image(tmp_path):
 
   with pytest.raises(ValueError, match="Split name"):
     metrics.write_report(report, workdir, "a/b")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_reports_get_the_mode_of_the_users_umask(tmp_path, umask):
+  """Like config.json (plain open): 0o666 less the umask, not tempfile.mkstemp's 0o600."""
+  labels, probs = _random_example(seed=3, n=40)
+  report = metrics.classification_report(labels, probs, classes.CODES)
+  previous = os.umask(umask)
+  try:
+    paths = metrics.write_report(report, tmp_path, "validation")
+    with open(tmp_path / "plain.txt", "w") as f:
+      f.write("x")
+  finally:
+    os.umask(previous)
+  expected = 0o666 & ~umask
+  assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == expected
+  for path in paths.values():
+    assert os.stat(path).st_mode & 0o777 == expected, (path, oct(os.stat(path).st_mode))

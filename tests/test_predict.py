@@ -20,7 +20,7 @@ from PIL import Image
 
 from bmcc import checkpointing, predict, steps, synthetic
 from bmcc.data import classes, decode
-from configs import demo
+from configs import demo, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32
@@ -72,6 +72,11 @@ def _write_checkpoint(workdir: str) -> None:
   ckpt.save(3, model=model, optimizer=optimizer, ema_model=None, data_iterator=data_iterator,
             metadata=checkpointing.run_metadata(config, classes.CODES))
   ckpt.close()
+  # As a training run writes it; the data of the smallest synthetic dataset, in the test's folder.
+  config.data.synthetic = tiny.get_config().data.synthetic
+  config.data.cache_dir = os.path.join(workdir, "cache")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -195,6 +200,8 @@ def test_bad_files_get_one_error_line_each_and_the_rest_is_predicted(setup, tmp_
     assert sum(f"mixed/{name}: " in line for line in errors) == 1, (name, errors)
   assert all(line.startswith("error: ") for line in errors)
   assert any("missing.jpg: No such file or directory" in line for line in errors)
+  # Worded as the dataset preparation words it (bmcc/data/validation.py).
+  assert any(line.endswith("j_empty.bmp: empty file (0 bytes)") for line in errors), errors
   assert any("i_bomb.png: refused as a possible decompression bomb" in line for line in errors)
   assert any("g_truncated.jpg: cannot decode: image file is truncated" in line
              for line in errors)
@@ -280,19 +287,36 @@ def test_cli_end_to_end(setup):
   root = setup["root"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   args = [str(root / "good" / "BLA_1.jpg"), str(root / "mixed")]
+  # No --config: the batch size comes from the workdir's config.json.
   proc = subprocess.run(
-      [sys.executable, "main.py", "--mode=predict", "--config", "configs/demo.py",
-       "--workdir", setup["workdir"], "--top_k=2", *args],
+      [sys.executable, "main.py", "--mode=predict", "--workdir", setup["workdir"], "--top_k=2",
+       *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr
   records = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout: only JSON
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  # stderr: only the error lines, then one summary line (no logging).
+  *errors, summary = proc.stderr.splitlines()
   _, expected, expected_errors = _run(setup["workdir"], args, top_k=2)
+  num_bad = sum(e == "error" for _, e in MIXED.values())
   assert len(records) == 1 + sum(e in ("ok", "warn") for _, e in MIXED.values())
-  assert len(errors) == sum(e == "error" for _, e in MIXED.values())
-  assert errors == expected_errors
+  assert errors == expected_errors and len(errors) == num_bad
+  assert summary == (f"predicted {len(records)} of {len(records) + num_bad} file(s); "
+                     f"{num_bad} failed")
   assert [r["path"] for r in records] == [r["path"] for r in expected]
   assert [r["code"] for r in records] == [r["code"] for r in expected]
   for got, want in zip(records, expected, strict=True):
     assert abs(got["probability"] - want["probability"]) < 1e-4
     assert len(got["top_k"]) == 2
+
+
+def test_cli_evaluate_reads_the_workdirs_config(setup):
+  """--mode=evaluate without --config: data and batch size from the workdir's config.json."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--mode=evaluate", "--workdir", setup["workdir"],
+       "--split=validation"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(setup["workdir"], "eval_validation.json")) as f:
+    report = json.load(f)
+  assert report["checkpoint_step"] == 3 and report["num_examples"] > 0
+  assert os.path.isdir(os.path.join(setup["workdir"], "cache"))  # the config's cache_dir

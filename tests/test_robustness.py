@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from bmcc import checkpointing, steps, train
 from configs import tiny
 from tests import helpers
 
@@ -121,32 +120,38 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, cac
     assert json.load(f1) == json.load(f2)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(
-    tmp_path, cache_dir, monkeypatch):
-  config = tiny.get_config()
-  config.data.cache_dir = cache_dir
-  config.num_train_steps = 20
-  config.log_every_steps = 10  # the bad step (13) falls between logs and checkpoints
-  original = steps.train_step
-  calls = {"n": 0}
+def test_diverging_run_exits_4_naming_the_step_and_keeps_only_finite_checkpoints(
+    tmp_path, cache_dir):
+  """A learning rate of 1e30 without gradient clipping: real divergence, through main.py.
 
-  def poisoned_step(*args, **kwargs):
-    out = original(*args, **kwargs)
-    calls["n"] += 1
-    if calls["n"] >= 13:
-      out = dict(out, loss=out["loss"] * np.nan)
-    return out
-
-  monkeypatch.setattr(steps, "train_step", poisoned_step)
+  Warm-up gives step 1 a learning rate of 0 and step 2 one of 2.5e29, which leaves the parameters
+  huge but finite; their loss at step 3 is not. With a checkpoint after every step, every step
+  before the first non-finite one is saved and none from it on, and what is kept is finite. The
+  run's stderr is also the bound on a short training run's log (tests/test_log_setup.py).
+  """
   workdir = str(tmp_path / "nan")
-  with pytest.raises(FloatingPointError, match="step 13"):
-    train.train_and_evaluate(config, workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  assert ckpt.all_steps() and max(ckpt.all_steps()) == 12  # nothing saved after step 12
-  assert ckpt.best_step() == 8  # the validated checkpoint is intact
-  ckpt.close()
-  _, state = helpers.final_state(workdir, config)
+  overrides = [f"--config.data.cache_dir={cache_dir}", "--config.learning_rate=1e30",
+               "--config.grad_clip_norm=0", "--config.checkpoint_every_steps=1"]
+  result = helpers.run_main("tiny.py", workdir, *overrides)
+  assert result.returncode == 4, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert "error: Non-finite training metrics at step " in errors[0]
+  assert "the last good checkpoint is kept" in errors[0]
+  bad_step = int(errors[0].split(" at step ")[1].split(":")[0])
+  assert bad_step > 1
+  assert _checkpoint_steps(workdir) == [bad_step - 1]  # saved up to the step before, not after
+  config = tiny.get_config()
+  config.grad_clip_norm = 0.0  # the optimizer state has no clipping entry then
+  step, state = helpers.final_state(workdir, config)
+  assert step == bad_step - 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+  # The parameters did move (the learning rate was not 0 throughout): a real divergence.
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(state["model"])) > 1e20
+  # Quiet logs: the start line, the hyper-parameters, a metric line or two and the error, not
+  # orbax's dozens of lines per checkpoint.
+  assert len(result.stderr.splitlines()) <= 12, result.stderr[-3000:]
+  assert "orbax" not in result.stderr and "tracked_metric" not in result.stderr
 
 
 def test_bad_config_fails_before_any_data_or_compile_work(tmp_path):
