@@ -278,6 +278,10 @@ def main(argv: list[str]) -> int:
   except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume
     print(f"interrupted: {e}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt:  # a signal outside the training loop's handler, e.g. during clean-up
+    print("interrupted: stopped at once; the last complete checkpoint stays valid. Rerun the "
+          "same command to resume.", file=sys.stderr)
+    return 3
   return 0
 
 

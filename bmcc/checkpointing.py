@@ -30,7 +30,7 @@ from bmcc.config_validation import ConfigError
 BEST_METRIC = "val_balanced_accuracy"
 # Metadata keys a resumed run must agree on with the run that wrote the checkpoint.
 _RESUME_KEYS = ("model", "model_config", "classes", "image_size", "fold", "num_folds",
-                "ema_decay")
+                "ema_decay", "data_workers")
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -47,6 +47,8 @@ def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...]) -> d
       "fold": config.data.fold,
       "num_folds": config.data.num_folds,
       "ema_decay": config.get("ema_decay") or None,  # 0 and None both mean no average
+      # The data iterator's saved state has one part per grain worker process.
+      "data_workers": config.data.num_workers,
   }
 
 
@@ -54,7 +56,7 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> None:
   """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
   current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
   for key in _RESUME_KEYS:
-    if saved.get(key) != current.get(key):
+    if key in saved and saved.get(key) != current.get(key):
       raise ConfigError(
           f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "
           f"says {current.get(key)!r}. Use another --workdir, or the config that made it.")

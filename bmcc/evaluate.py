@@ -52,6 +52,7 @@ def predict_batches(model: nnx.Module, batches: Iterable[dict], mesh: Mesh, *, t
   """
   step_fn = steps.dihedral_average if tta else steps.eval_step
   sharding = NamedSharding(mesh, P("data"))
+  model.eval()  # outside the jitted step: the mode is part of its static structure
   labels, probs, masks = [], [], []
   samples = None
   with jax.set_mesh(mesh):

@@ -274,6 +274,7 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
     return 1
 
   model, meta, step = checkpointing.restore_model(workdir, checkpoint)
+  model.eval()  # before the jitted step: the mode is part of its static structure
   image_size = int(meta["image_size"])
   codes = list(meta["classes"])
   mesh = steps.create_mesh(jax.local_devices())

@@ -148,7 +148,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
                labels: jax.Array, dropout_key: jax.Array,
                class_weights: jax.Array | None = None, ema: nnx.EMA | None = None,
                label_smoothing: float = 0.0) -> dict[str, jax.Array]:
-  """One optimizer step on a (sharded) batch of uint8 images; returns loss and accuracy.
+  """One optimizer step on a (sharded) batch of uint8 images; returns loss, accuracy and norms.
 
   `class_weights` [C], if given, weights each example's loss by its class (mean 1 over the
   training examples: `bmcc.data.sampling.class_weights`). `ema`, if given (`create_ema`), moves
@@ -173,7 +173,10 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
   if ema is not None:
     ema.update(model)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+  # The updated weights' norm too: a finite loss and gradient can still give non-finite weights,
+  # and the loop refuses to checkpoint any non-finite metric.
+  return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+          "param_norm": optax.tree.norm(nnx.state(model, nnx.Param))}
 
 
 @nnx.jit

@@ -113,6 +113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                                                    config.stop_at_step or durations.total)
   pending: list[tuple[int, dict]] = []  # (step, metrics) not yet logged
   step = start_step
+  # The mode is part of the compiled program's static structure: set it outside the jitted steps
+  # (train here, eval in evaluate) so that each compiles once.
+  model.train()
   try:
     with jax.set_mesh(mesh), preemption.StopRequest(config.log_every_steps) as stop_request:
       for step in range(start_step + 1, last_step + 1):
@@ -138,6 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                 eval_model, input_pipeline.create_eval_iter(config, builder, "validation"), mesh,
                 num_samples=16)
           evaluate.log_report(writer, step, "validation", report, workdir, samples)
+          model.train()
           eval_metrics = {f"val_{k}": v for k, v in metrics.summary_scalars(report).items()}
           previous_scale = plateau_state.lr_scale
           plateau_state, stopped_early = tracker.update(

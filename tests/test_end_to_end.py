@@ -78,6 +78,31 @@ def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):
     train.train_and_evaluate(config, workdir)
 
 
+def test_a_run_compiles_the_train_step_once_and_the_eval_step_once(tmp_path, cache_dir):
+  import logging  # noqa: PLC0415
+  import re  # noqa: PLC0415
+
+  config = _tiny_config(cache_dir)
+  config.num_train_steps, config.eval_every_steps = 6, 2  # 3 validations, then the test
+  compiled = []
+
+  class Record(logging.Handler):
+    def emit(self, record):
+      match = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+      if match:
+        compiled.append(match.group(1))
+
+  handler = Record()
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      train.train_and_evaluate(config, str(tmp_path / "w"))
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+  assert compiled.count("train_step") == 1, compiled
+  assert compiled.count("eval_step") == 1, compiled  # validation and test share the batch shape
+
+
 def _tensorboard_tags(workdir: str) -> set[str]:
   from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={"images": 0, "tensors": 0})

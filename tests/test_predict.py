@@ -316,7 +316,7 @@ def test_cli_evaluate_reads_the_workdirs_config(setup):
       [sys.executable, "main.py", "--mode=evaluate", "--workdir", setup["workdir"],
        "--split=validation"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(setup["workdir"], "eval_validation.json")) as f:
+  with open(os.path.join(setup["workdir"], "eval_validation_best.json")) as f:
     report = json.load(f)
   assert report["checkpoint_step"] == 3 and report["num_examples"] > 0
   assert os.path.isdir(os.path.join(setup["workdir"], "cache"))  # the config's cache_dir

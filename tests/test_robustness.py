@@ -44,21 +44,31 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
+def _start(workdir: str, overrides: list[str], **popen) -> subprocess.Popen:
+  return subprocess.Popen(helpers.main_command("tiny.py", workdir, *overrides), cwd=helpers.REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _training_started(workdir: str) -> bool:
+  """The first scalars are written once training runs."""
+  return os.path.isdir(workdir) and any(n.startswith("events") for n in os.listdir(workdir))
+
+
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, cache_dir):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, cache_dir,
+                                                                     num_workers):
+  """SIGTERM to the whole process group, as SLURM and Ctrl-C send it: grain's worker processes
+  get it too, and the run still checkpoints and exits 3."""
   workdir = str(tmp_path / "w")
   overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
                "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
-               "--config.log_every_steps=1"]
-  proc = subprocess.Popen(helpers.main_command("tiny.py", workdir, *overrides), cwd=helpers.REPO,
-                          env=helpers.cli_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+               "--config.log_every_steps=1", f"--config.data.num_workers={num_workers}"]
+  proc = _start(workdir, overrides, env=helpers.cli_env(), start_new_session=True)
   try:
-    # Training has started once the first scalars are written; then let it run a little.
-    _wait_for(lambda: any(n.startswith("events") for n in os.listdir(workdir))
-              if os.path.isdir(workdir) else False, 240, proc)
+    _wait_for(lambda: _training_started(workdir), 240, proc)
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
   finally:
     proc.kill()
@@ -68,11 +78,34 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, ca
   assert reached > 0 and reached % 1000 != 0
   assert _checkpoint_steps(workdir) == [reached]  # saved exactly where it stopped
 
-  result = helpers.run_main("tiny.py", workdir, *overrides[:1],
+  result = helpers.run_main("tiny.py", workdir, overrides[0], overrides[-1],
                             f"--config.num_train_steps={reached + 2}", "--config.warmup_steps=1")
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"Resumed from the checkpoint at step {reached}" in result.stderr
   assert os.path.exists(os.path.join(workdir, "eval_test.json"))
+  if num_workers:  # the iterator state is per worker: another count is refused, clearly
+    result = helpers.run_main("tiny.py", workdir, overrides[0], "--config.data.num_workers=0",
+                              f"--config.num_train_steps={reached + 4}")
+    assert result.returncode == 2 and "data_workers=2" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_with_status_3(tmp_path, cache_dir):
+  workdir = str(tmp_path / "w")
+  overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
+               "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000"]
+  proc = _start(workdir, overrides, env=helpers.cli_env())
+  try:
+    _wait_for(lambda: _training_started(workdir), 240, proc)
+    time.sleep(3)  # in the training loop
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # two signals at once are delivered to Python as one
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 3, stderr[-2000:]
+  assert "interrupted: " in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -167,15 +200,11 @@ def test_bad_config_fails_before_any_data_or_compile_work(tmp_path):
 @pytest.mark.slow
 def test_two_processes_over_localhost_train_together(tmp_path, cache_dir):
   """Multi-host on one machine: 2 CPU processes (gloo collectives) over 127.0.0.1."""
-  import socket  # noqa: PLC0415
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = _free_port()
   workdir = str(tmp_path / "w")
   procs = []
   for index in range(2):
-    env = dict(helpers.cli_env(), BMCC_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               BMCC_NUM_PROCESSES="2", BMCC_PROCESS_ID=str(index), BMCC_CPU_COLLECTIVES="gloo")
+    env = _process_env(port, index)
     procs.append(subprocess.Popen(
         helpers.main_command("tiny.py", workdir, f"--config.data.cache_dir={cache_dir}",
                              "--config.num_train_steps=8", "--config.warmup_steps=2"),
@@ -189,4 +218,55 @@ def test_two_processes_over_localhost_train_together(tmp_path, cache_dir):
   summaries = [e.split("Test summary: ")[1].splitlines()[0] for e in errs]
   assert summaries[0] == summaries[1]
   with open(os.path.join(workdir, "eval_test.json")) as f:
-    assert json.load(f)["num_examples"] > 0
+    report = json.load(f)
+  assert report["num_examples"] > 0
+
+  # --mode=evaluate with both processes: restored on the global mesh, the same test report.
+  eval_port, procs = _free_port(), []
+  for index in range(2):
+    procs.append(subprocess.Popen(
+        [*helpers.main_command("tiny.py", workdir, f"--config.data.cache_dir={cache_dir}",
+                               "--mode=evaluate", "--checkpoint=latest")],
+        cwd=helpers.REPO, env=_process_env(eval_port, index), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True))
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+  with open(os.path.join(workdir, "eval_test_latest.json")) as f:
+    evaluated = json.load(f)
+  assert evaluated["confusion_matrix"] == report["confusion_matrix"]
+
+
+def _process_env(port: int, index: int) -> dict[str, str]:
+  return dict(helpers.cli_env(), BMCC_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+              BMCC_NUM_PROCESSES="2", BMCC_PROCESS_ID=str(index), BMCC_CPU_COLLECTIVES="gloo")
+
+
+def _free_port() -> int:
+  import socket  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
+  """Only process 1 is signalled; the processes agree on the stop step (every log step), both
+  checkpoint there and exit 3 instead of one waiting in a collective for the other."""
+  workdir, port = str(tmp_path / "w"), _free_port()
+  overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
+               "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+               "--config.log_every_steps=2"]
+  procs = [_start(workdir, overrides, env=_process_env(port, index)) for index in range(2)]
+  try:
+    _wait_for(lambda: _training_started(workdir), 300, procs[0])
+    time.sleep(3)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [3, 3], [e[-2000:] for e in errs]
+  steps = [int(e.split("Stopped by ")[1].split(" at step ")[1].split()[0]) for e in errs]
+  assert steps[0] == steps[1] and steps[0] % 2 == 0, steps
+  assert "Stopped by SIGTERM" in errs[1] and "a signal to another process" in errs[0]
+  assert _checkpoint_steps(workdir) == [steps[0]]
