@@ -29,7 +29,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     if len(codes) < 2:
       raise ConfigError("config.data.classes needs at least two classes.")
   try:
-    splits.Selection("train", config.data.fold, config.data.num_folds)
+    splits.Selection("train", config.data.fold, config.data.num_folds, config.data.split)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   for key in ("batch_size", "eval_batch_size"):
