@@ -16,9 +16,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare", "cross_validate"],
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
-                  "and folders given as arguments, or prepare the dataset.")
+                  "and folders given as arguments, prepare the dataset, or cross_validate (every "
+                  "fold into <workdir>/fold_<i>, then cv_summary.json).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "Checkpoint for --mode=evaluate and --mode=predict.")
@@ -26,6 +27,8 @@ flags.DEFINE_bool("tta", False,
                   "--mode=predict/evaluate: average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
+flags.DEFINE_list("folds", None, "--mode=cross_validate: the folds to run, e.g. 0,3 or "
+                  "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -61,7 +64,7 @@ def main(argv: list[str]) -> int:
   from bmcc.preemption import TrainingInterrupted
 
   config = FLAGS.config
-  if FLAGS.mode in ("train", "evaluate"):
+  if FLAGS.mode in ("train", "evaluate", "cross_validate"):
     _initialize_distributed()
   try:
     if FLAGS.mode == "prepare":
@@ -79,6 +82,9 @@ def main(argv: list[str]) -> int:
       from bmcc import evaluate
       evaluate.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
                                            checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
+    elif FLAGS.mode == "cross_validate":
+      from bmcc import cross_validation
+      cross_validation.run_folds(config, FLAGS.workdir, folds=FLAGS.folds)
     elif FLAGS.mode == "predict":
       if len(argv) < 2:
         raise app.UsageError("--mode=predict needs image files or folders as arguments.")

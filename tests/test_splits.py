@@ -1,21 +1,26 @@
-"""Split protocols: exact stratified counts (80/10/10 and k folds), the same split for every layout
-and zip, DinoBloom's test list through the prepared dataset."""
+"""Split protocols and the k-fold summary: exact stratified counts (80/10/10 and k folds), the same
+split for every layout and zip, DinoBloom's test list through the prepared dataset, and
+cv_summary's means, standard deviations and pooled confusion matrix against hand computation."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import shutil
+import subprocess
 
 import grain
 import ml_collections
 import numpy as np
 import pytest
 
-from bmcc import config_validation, synthetic
-from bmcc.data import classes, discovery, input_pipeline, sampling, splits
+from bmcc import config_validation, cross_validation, metrics, synthetic
+from bmcc.data import classes, discovery, input_pipeline, loading, sampling, splits
 from bmcc.data.bone_marrow import KNOWN_BAD_FILES, prepare
 from configs import tiny
+from tests import helpers
 
 # The issue's class sizes (those of the real ABE, KSC, FGC and LYI, and one large class) and the
 # exact 80/10/10 counts: cuts at floor(n x 0.8 + 1/2) and floor(n x 0.9 + 1/2).
@@ -222,3 +227,110 @@ def test_dinobloom_protocol_through_the_prepared_dataset(tmp_path):
   assert reported == {"protocol": "dinobloom", "fold": None, "num_folds": None,
                       "dinobloom_listed": 34_266, "dinobloom_missing": 34_266 - 12,
                       "dinobloom_missing_files": missing[:20], "num_test_images": 12}
+
+
+# ------------------------------------------------------------------------------------------------
+# k-fold summary.
+
+# Two classes; per fold the confusion matrix (rows true BLA, NGS; columns predicted).
+FOLD_MATRICES = [[[1, 1], [0, 2]], [[2, 0], [0, 2]], [[1, 0], [2, 1]]]
+
+
+def _write_fold_report(workdir, fold: int, num_folds: int, matrix) -> None:
+  labels, predictions = [], []
+  for true in range(2):
+    for predicted in range(2):
+      labels += [true] * matrix[true][predicted]
+      predictions += [predicted] * matrix[true][predicted]
+  report = metrics.classification_report(np.array(labels), np.eye(2)[predictions], ("BLA", "NGS"))
+  report.update(fold=fold, num_folds=num_folds, protocol="stratified")
+  os.makedirs(cross_validation.fold_dir(str(workdir), fold))
+  metrics.write_report(report, cross_validation.fold_dir(str(workdir), fold), "test")
+
+
+def test_summary_means_stds_and_pooled_matrix_by_hand(tmp_path):
+  for fold, matrix in enumerate(FOLD_MATRICES):
+    _write_fold_report(tmp_path, fold, 3, matrix)
+  summary = cross_validation.summarize(str(tmp_path), 3)
+  assert summary["folds_finished"] == [0, 1, 2] and summary["folds_missing"] == []
+  assert summary["complete"] is True
+  assert summary["test_images_per_fold"] == {"0": 4, "1": 4, "2": 4}
+  # accuracy 3/4, 1, 2/4; balanced accuracy (1/2 + 1)/2, 1, (1 + 1/3)/2.
+  accuracy = summary["metrics"]["accuracy"]
+  assert accuracy["folds"] == [0.75, 1.0, 0.5]
+  assert accuracy["mean"] == pytest.approx(0.75)
+  assert accuracy["std"] == pytest.approx(0.25)  # sqrt((0 + 0.25^2 + 0.25^2) / 2)
+  balanced = [0.75, 1.0, 2 / 3]
+  mean = sum(balanced) / 3
+  assert summary["metrics"]["balanced_accuracy"]["mean"] == pytest.approx(mean)
+  assert summary["metrics"]["balanced_accuracy"]["std"] == pytest.approx(
+      math.sqrt(sum((b - mean) ** 2 for b in balanced) / 2))
+  pooled = summary["pooled"]
+  assert pooled["confusion_matrix"]["counts"] == [[4, 1], [2, 5]]
+  assert pooled["num_examples"] == 12  # every test image once
+  assert pooled["accuracy"] == pytest.approx(9 / 12)
+  bla, ngs = pooled["per_class"]["BLA"], pooled["per_class"]["NGS"]
+  assert (bla["precision"], bla["recall"], bla["f1"]) == pytest.approx((4 / 6, 4 / 5, 8 / 11))
+  assert (ngs["precision"], ngs["recall"], ngs["f1"]) == pytest.approx((5 / 6, 5 / 7, 10 / 13))
+  assert bla["name"] == "Blast" and bla["support"] == 5
+  with open(tmp_path / "cv_summary.json") as f:
+    assert json.load(f) == summary
+  text = (tmp_path / "cv_summary.md").read_text()
+  assert "| accuracy | 0.7500 | 0.2500 | 0.7500 | 1.0000 | 0.5000 |" in text
+  assert "NOT finished" not in text
+  assert (tmp_path / "cv_summary_confusion.png").stat().st_size > 0
+
+
+def test_summary_of_unfinished_folds_names_the_missing_and_refuses_foreign_reports(tmp_path):
+  _write_fold_report(tmp_path, 0, 4, FOLD_MATRICES[0])
+  _write_fold_report(tmp_path, 2, 4, FOLD_MATRICES[2])
+  summary = cross_validation.summarize(str(tmp_path), 4)
+  assert summary["folds_finished"] == [0, 2] and summary["folds_missing"] == [1, 3]
+  assert summary["complete"] is False
+  assert summary["metrics"]["accuracy"]["mean"] == pytest.approx(0.625)
+  assert summary["pooled"]["confusion_matrix"]["counts"] == [[2, 1], [2, 3]]
+  assert "- NOT finished: 1, 3" in (tmp_path / "cv_summary.md").read_text()
+  with pytest.raises(config_validation.ConfigError, match="not of fold 0 of 5"):
+    cross_validation.summarize(str(tmp_path), 5)  # fold_0's report says 'of 4'
+
+
+@pytest.mark.slow
+def test_run_folds_end_to_end_on_tiny(tmp_path):
+  """Two folds of configs/tiny.py, 4 steps each; then main.py resumes: both folds skipped."""
+  config = tiny.get_config()
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.num_folds = 2
+  config.num_train_steps, config.warmup_steps = 4, 1
+  config.eval_every_steps = config.checkpoint_every_steps = 4
+  workdir = str(tmp_path / "cv")
+  summary = cross_validation.run_folds(config, workdir)
+  assert summary["complete"] is True and summary["folds_finished"] == [0, 1]
+  reports = []
+  for fold in (0, 1):
+    with open(os.path.join(workdir, f"fold_{fold}", "eval_test.json")) as f:
+      reports.append(json.load(f))
+    assert reports[-1]["protocol"] == "stratified"
+    assert (reports[-1]["fold"], reports[-1]["num_folds"]) == (fold, 2)
+    assert reports[-1]["num_test_images"] == reports[-1]["num_examples"]
+  data_dir = loading.load_builder(config.data, prepare=False).data_dir
+  assert data_dir.endswith(os.path.join("bone_marrow", "2.0.0"))
+  with open(os.path.join(data_dir, "build_report.json")) as f:
+    prepared = json.load(f)["images_prepared"]
+  # The two test folds partition the prepared images: the pooled matrix counts each once.
+  assert sum(r["num_examples"] for r in reports) == prepared
+  assert summary["pooled"]["num_examples"] == prepared
+  assert np.sum(summary["pooled"]["confusion_matrix"]["counts"]) == prepared
+  # Every class (>= 8 images each) is in both test folds.
+  assert all(not r["absent_classes"] for r in reports)
+
+  before = os.path.getmtime(os.path.join(workdir, "fold_1", "eval_test.json"))
+  os.remove(os.path.join(workdir, "cv_summary.json"))
+  result = subprocess.run(
+      helpers.main_command("tiny.py", workdir, "--mode=cross_validate", "--folds=1",
+                           "--config.data.num_folds=2",
+                           f"--config.data.cache_dir={config.data.cache_dir}"),
+      cwd=helpers.REPO, env=helpers.cli_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.getmtime(os.path.join(workdir, "fold_1", "eval_test.json")) == before
+  with open(os.path.join(workdir, "cv_summary.json")) as f:
+    assert json.load(f)["folds_finished"] == [0, 1]
