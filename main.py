@@ -28,7 +28,8 @@ flags.DEFINE_bool("tta", False,
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
 flags.DEFINE_list("folds", None, "--mode=cross_validate: the folds to run, e.g. 0,3 or "
-                  "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5).")
+                  "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5); empty: only "
+                  "the summary.")
 flags.mark_flags_as_required(["config"])
 
 
