@@ -294,6 +294,21 @@ def test_summary_of_unfinished_folds_names_the_missing_and_refuses_foreign_repor
     cross_validation.summarize(str(tmp_path), 5)  # fold_0's report says 'of 4'
 
 
+def test_run_folds_refuses_bad_folds_and_protocols_and_can_only_summarise(tmp_path):
+  config = tiny.get_config()
+  with pytest.raises(config_validation.ConfigError, match="'7' is not a fold of 5"):
+    cross_validation.run_folds(config, str(tmp_path), folds=["1", "7"])
+  config.data.num_folds = 3
+  with pytest.raises(config_validation.ConfigError, match="'x' is not a fold of 3"):
+    cross_validation.run_folds(config, str(tmp_path), folds=["x"])
+  summary = cross_validation.run_folds(config, str(tmp_path), folds=[])  # trains nothing
+  assert summary["folds_missing"] == [0, 1, 2] and summary["pooled"] is None
+  assert sorted(os.listdir(tmp_path)) == ["cv_summary.json", "cv_summary.md"]
+  config.data.num_folds, config.data.split = None, "dinobloom"
+  with pytest.raises(config_validation.ConfigError, match="needs split='stratified'"):
+    cross_validation.run_folds(config, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_run_folds_end_to_end_on_tiny(tmp_path):
   """Two folds of configs/tiny.py, 4 steps each; then main.py resumes: both folds skipped."""
