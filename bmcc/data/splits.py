@@ -170,7 +170,7 @@ class Selection:
     roles = self.roles(file_names, labels)
     if self.role == "train" and self.filters:
       counts = {s: int((roles == s).sum()) for s in SPLITS}
-      logging.info("Protocol %s: %s.", self.describe_short(),
+      logging.info("Protocol %s: %s.", self._name(),
                    ", ".join(f"{n} {s}" for s, n in counts.items()))
       missing = self.describe(file_names).get("dinobloom_missing")
       if missing:
@@ -178,7 +178,7 @@ class Selection:
                         "(missing from the download, or excluded as known bad).", missing)
     return roles == self.role
 
-  def describe_short(self) -> str:
+  def _name(self) -> str:
     """'stratified 80/10/10', 'stratified fold 2 of 5' or 'dinobloom'."""
     if self.protocol == "dinobloom":
       return "dinobloom (DinoBloom's test list; validation 10% of the rest)"
