@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(REPO, "configs")
-MODES = ("train", "evaluate", "predict", "prepare")
+MODES = ("train", "evaluate", "predict", "prepare", "cross_validate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -38,7 +38,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
 flags.DEFINE_enum("mode", "train", list(MODES),
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
-                  "and folders given as arguments, or prepare the dataset.")
+                  "and folders given as arguments, prepare the dataset, or cross_validate (every "
+                  "fold into <workdir>/fold_<i>, then cv_summary.json).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "Checkpoint for --mode=evaluate and --mode=predict.")
@@ -46,6 +47,9 @@ flags.DEFINE_bool("tta", False,
                   "--mode=predict/evaluate: average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
+flags.DEFINE_list("folds", None, "--mode=cross_validate: the folds to run, e.g. 0,3 or "
+                  "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5); empty: only "
+                  "the summary.")
 
 _HELP_ARGS = {"--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull",
               "-helpfull"}
@@ -208,7 +212,7 @@ def _check_usage(mode: str, paths: list[str]) -> None:
   if mode != "prepare" and FLAGS.workdir is None:
     what = "write the run into" if mode == "train" else "read the training run from"
     fail(f"--mode={mode} needs --workdir (the folder to {what}).")
-  if mode in ("train", "prepare") and FLAGS.config is None:
+  if mode in ("train", "prepare", "cross_validate") and FLAGS.config is None:
     fail(f"--mode={mode} needs --config, e.g. --config configs/demo.py "
          "(python main.py --help lists the configs).")
 
@@ -246,11 +250,15 @@ def main(argv: list[str]) -> int:
       # The run's own config, as it trained; not validated again (it may come from an older
       # bmcc with fewer keys, and evaluate and predict use only its data and batch sizes).
       config = run_config.load_run_config(FLAGS.workdir)
-    if mode in ("train", "evaluate"):
+    if mode in ("train", "evaluate", "cross_validate"):
       _initialize_distributed()
     if mode != "predict" and FLAGS.config is not None:  # before any data work
-      config_validation.validate(config, FLAGS.workdir if mode != "prepare" else None,
-                                 training=mode == "train")
+      checked = config
+      if mode == "cross_validate":  # as its first fold will run
+        checked = config.copy_and_resolve_references()
+        checked.data.fold, checked.data.num_folds = 0, config.data.num_folds or 5
+      config_validation.validate(checked, FLAGS.workdir if mode != "prepare" else None,
+                                 training=mode in ("train", "cross_validate"))
     if mode != "predict" and FLAGS.verbosity < 1:
       log_setup.quiet_dataset_preparation()
     if mode == "prepare":
@@ -267,6 +275,9 @@ def main(argv: list[str]) -> int:
       from bmcc import evaluate
       evaluate.evaluate_workdir(config, FLAGS.workdir, split=FLAGS.split,
                                 checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
+    elif mode == "cross_validate":
+      from bmcc import cross_validation
+      cross_validation.run_folds(config, FLAGS.workdir, folds=FLAGS.folds)
     elif mode == "predict":
       return _predict(config, paths)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:

@@ -29,8 +29,8 @@ from bmcc.config_validation import ConfigError
 
 BEST_METRIC = "val_balanced_accuracy"
 # Metadata keys a resumed run must agree on with the run that wrote the checkpoint.
-_RESUME_KEYS = ("model", "model_config", "classes", "image_size", "fold", "num_folds",
-                "ema_decay", "data_workers")
+_RESUME_KEYS = ("model", "model_config", "classes", "image_size", "protocol", "fold",
+                "num_folds", "ema_decay", "data_workers")
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -44,6 +44,7 @@ def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...]) -> d
       "model_config": config.model_config.to_dict(),
       "classes": list(codes),
       "image_size": config.image_size,
+      "protocol": config.data.split,
       "fold": config.data.fold,
       "num_folds": config.data.num_folds,
       "ema_decay": config.get("ema_decay") or None,  # 0 and None both mean no average

@@ -120,7 +120,7 @@ def _validate_data(data: Any) -> None:
     raise ConfigError(f"config.data.fold={data.get('fold')!r} and config.data.num_folds="
                       f"{data.get('num_folds')!r}: set both (test on fold i of k) or neither.")
   try:
-    splits.Selection("train", data.get("fold"), data.get("num_folds"))
+    splits.Selection("train", data.get("fold"), data.get("num_folds"), data.get("split"))
   except ValueError as e:
     raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from None
   _require(isinstance(data.get("augment"), bool), "data.augment", data.get("augment"),

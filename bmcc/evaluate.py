@@ -114,10 +114,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: 
   builder = loading.load_builder(config.data)
   config = ml_collections.ConfigDict(config.to_dict())  # the run's protocol, from the checkpoint
   config.data.fold, config.data.num_folds = meta.get("fold"), meta.get("num_folds")
+  config.data.split = meta.get("protocol", "stratified")
   data = input_pipeline.create_eval_iter(config, builder, split, classes=tuple(meta["classes"]),
                                          image_size=meta["image_size"])
   report, _ = evaluate_split(model, data, mesh, tta=tta)
   report["checkpoint_step"] = step
+  if split == "test":
+    report.update(input_pipeline.protocol_report(config, builder, report["num_examples"]))
   name = f"{split}_{checkpoint}" + ("_tta" if tta else "")
   if jax.process_index() > 0:
     return report

@@ -123,6 +123,73 @@ def _calibration(confidence: np.ndarray, correct: np.ndarray, num_bins: int) -> 
   }
 
 
+def confusion_report(counts: np.ndarray, class_codes: Sequence[str], *,
+                     class_names: Sequence[str] | None = None) -> dict[str, Any]:
+  """The part of `classification_report` that a confusion matrix determines.
+
+  Args:
+    counts: int [C, C] confusion matrix, rows the true class, columns the predicted class (e.g.
+      several splits' matrices summed, to pool their predictions).
+    class_codes: the C class codes in label order.
+    class_names: the C class names; by default looked up in `bmcc.data.classes.NAMES`.
+
+  Returns:
+    A JSON-serialisable dict: `num_examples`, `num_classes`, `accuracy`, `balanced_accuracy`,
+    `macro_precision`, `macro_recall`, `macro_f1`, `weighted_f1`, `absent_classes`, `per_class`
+    and `confusion_matrix`, with the conventions of the module docstring.
+  """
+  codes = [str(c) for c in class_codes]
+  num_classes = len(codes)
+  names = list(class_names) if class_names is not None else [
+      classes.NAMES.get(c, c) for c in codes
+  ]
+  if len(names) != num_classes:
+    raise ValueError(f"Got {len(names)} class names for {num_classes} class codes.")
+  cm = np.asarray(counts)
+  if cm.shape != (num_classes, num_classes) or (cm.size and (cm < 0).any()):
+    raise ValueError(f"counts must be a non-negative [{num_classes}, {num_classes}] matrix, got "
+                     f"shape {cm.shape}.")
+  cm = cm.astype(np.int64)
+  n = int(cm.sum())
+  if n == 0:
+    raise ValueError("No examples to evaluate (the confusion matrix is all zeros).")
+  tp = np.diag(cm).astype(np.float64)
+  support = cm.sum(axis=1)
+  predicted = cm.sum(axis=0)
+  precision = _safe_div(tp, predicted)
+  recall = _safe_div(tp, support)
+  f1 = _safe_div(2 * tp, support + predicted)
+  present = support > 0
+  seen = present | (predicted > 0)
+  return {
+      "num_examples": n,
+      "num_classes": num_classes,
+      "accuracy": float(tp.sum() / n),
+      "balanced_accuracy": float(recall[present].mean()),
+      "macro_precision": float(precision[seen].mean()),
+      "macro_recall": float(recall[present].mean()),
+      "macro_f1": float(f1[seen].mean()),
+      "weighted_f1": float(np.sum(f1 * support) / n),
+      "absent_classes": [c for c, p in zip(codes, present, strict=True) if not p],
+      "per_class": {
+          code: {
+              "name": names[i],
+              "precision": float(precision[i]),
+              "recall": float(recall[i]) if present[i] else None,
+              "f1": float(f1[i]) if seen[i] else None,
+              "support": int(support[i]),
+              "predicted": int(predicted[i]),
+          }
+          for i, code in enumerate(codes)
+      },
+      "confusion_matrix": {
+          "class_order": codes,
+          "counts": cm.tolist(),
+          "row_normalized": _safe_div(cm, support[:, None]).tolist(),
+      },
+  }
+
+
 def classification_report(
     labels: np.ndarray,
     probabilities: np.ndarray,
@@ -174,14 +241,6 @@ def classification_report(
 
   predictions = np.argmax(probs, axis=1)
   cm = confusion_matrix(labels, predictions, num_classes)
-  tp = np.diag(cm).astype(np.float64)
-  support = cm.sum(axis=1)
-  predicted = cm.sum(axis=0)
-  precision = _safe_div(tp, predicted)
-  recall = _safe_div(tp, support)
-  f1 = _safe_div(2 * tp, support + predicted)
-  present = support > 0
-  seen = present | (predicted > 0)
 
   # Rank of the true class in a descending sort, ties to the lower index (consistent with argmax).
   p_label = probs[np.arange(n), labels]
@@ -192,38 +251,14 @@ def classification_report(
   confidence = probs.max(axis=1)
   calibration = _calibration(confidence, (predictions == labels).astype(np.float64), ece_bins)
 
-  report: dict[str, Any] = {
-      "num_examples": int(n),
-      "num_classes": num_classes,
-      "accuracy": float(tp.sum() / n),
-      "balanced_accuracy": float(recall[present].mean()),
-      "macro_precision": float(precision[seen].mean()),
-      "macro_recall": float(recall[present].mean()),
-      "macro_f1": float(f1[seen].mean()),
-      "weighted_f1": float(np.sum(f1 * support) / n),
-  }
+  report = confusion_report(cm, codes, class_names=names)
+  by_class = {key: report.pop(key) for key in ("absent_classes", "per_class", "confusion_matrix")}
   for k in top_k:
     if 1 < k < num_classes:
       report[f"top_{k}_accuracy"] = float(np.mean(rank < k))
   report["expected_calibration_error"] = calibration.pop("ece")
   report["negative_log_likelihood"] = float(-np.mean(np.log(np.maximum(p_label, _NLL_FLOOR))))
-  report["absent_classes"] = [c for c, p in zip(codes, present, strict=True) if not p]
-  report["per_class"] = {
-      code: {
-          "name": names[i],
-          "precision": float(precision[i]),
-          "recall": float(recall[i]) if present[i] else None,
-          "f1": float(f1[i]) if seen[i] else None,
-          "support": int(support[i]),
-          "predicted": int(predicted[i]),
-      }
-      for i, code in enumerate(codes)
-  }
-  report["confusion_matrix"] = {
-      "class_order": codes,
-      "counts": cm.tolist(),
-      "row_normalized": _safe_div(cm, support[:, None]).tolist(),
-  }
+  report.update(by_class)  # after the scalars, as before
   report["calibration"] = calibration
   return report
 

@@ -187,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   report, _ = evaluate.evaluate_split(
       eval_model, input_pipeline.create_eval_iter(config, builder, "test"), mesh)
   report["checkpoint_step"] = final_step
+  report.update(input_pipeline.protocol_report(config, builder, report["num_examples"]))
   evaluate.log_report(writer, last_step, "test", report, workdir)
   logging.info("Test report written to %s:\n%s", os.path.join(workdir, "eval_test.json"),
                metrics.format_per_class_table(report))

@@ -30,8 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic = None
   # Where the synthetic dataset is written and prepared; None: ~/.cache/bmcc.
   config.data.cache_dir = placeholder(str)
+  # Protocol: 'stratified' (80/10/10 within each class, or k-fold below) or 'dinobloom' (test on
+  # DinoBloom's published test files, validate on 10% of the rest); README, "Protocols".
+  config.data.split = "stratified"
   # k-fold cross-validation (Matek et al. 2021 used 5 folds): test on fold `fold` of `num_folds`,
-  # validate on ~10% of the other folds, train on the rest; None: the prepared 80/10/10 splits.
+  # validate on 10% of the other folds, train on the rest; None: the prepared 80/10/10 splits.
   config.data.num_folds = placeholder(int)
   config.data.fold = placeholder(int)
   config.data.augment = True  # training augmentation as set below; False: the evaluation resize

@@ -8,13 +8,14 @@ with `configs/default.py` it measures what the two imbalance measures bring. Put
 
   python main.py --config configs/resnext50.py --workdir runs/resnext50
 
-Matek et al. used 5-fold cross-validation at the image level; to follow it, run each fold:
+Matek et al. used 5-fold cross-validation at the image level; to follow it, run all five folds
+(stratified; one after another, resumable) and their summary:
 
-  python main.py --config configs/resnext50.py --workdir runs/resnext50-fold0 \\
-      --config.data.num_folds=5 --config.data.fold=0
+  python main.py --config configs/resnext50.py --workdir runs/resnext50-cv --mode=cross_validate
 
-and compare the per-class recall and precision with their Table 1 (mean strict recall about 0.69,
-mean strict precision about 0.51; see /shared/DATASET.md).
+and compare the pooled per-class recall and precision (`cv_summary.json`, `pooled.per_class`)
+with their Table 1 (mean strict recall about 0.69, mean strict precision about 0.51; see
+/shared/DATASET.md).
 
 Time per epoch: as `configs/default.py` (the same model and batch), not yet measured on any GPU.
 Expected metrics: not yet measured.

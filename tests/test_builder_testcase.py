@@ -2,10 +2,11 @@
 
 The dummy data in `bmcc/data/bone_marrow/dummy_data/` is a tiny Kaggle download, unzipped: the
 folder `bone_marrow_cell_dataset/` with range folders for two large classes (BLA, NGS, including
-NGS's last range folder `29001-29424`), flat files for two small classes (ABE, BAS), and
-`abbreviations.csv` beside it. The 32 x 32 JPEGs are synthetic (`bmcc.synthetic`). One file
-has a stem from the known-bad list (a valid image, left out) and one is a truncated JPEG (skipped).
-Stems were picked with `bmcc.data.splits.split_of` so that every split gets images.
+NGS's last range folder `29001-29424`), flat files for two small classes (ABE with all 8 images,
+like the real class, and BAS), and `abbreviations.csv` beside it. The 32 x 32 JPEGs are synthetic
+(`bmcc.synthetic`). One file has a stem from the known-bad list (a valid image, left out) and one
+is a truncated JPEG (skipped). The splits are what `bmcc.data.splits.assign_splits` gives the files
+found less the known bad one (ABE 6 / 1 / 1).
 DatasetBuilderTestCase points the builder's manual dir at that folder (the builder has
 MANUAL_DOWNLOAD_INSTRUCTIONS), and the builder discovers the download there like a real one.
 
@@ -34,18 +35,23 @@ from bmcc.data import bone_marrow, splits
 DUMMY_DATA = pathlib.Path(bone_marrow.__file__).parent / "dummy_data"
 CLASS_ROOT = "bone_marrow_cell_dataset"
 IMAGE_SIZE = 32
-# The valid images (file names relative to the class root) and the split `split_of` gives each.
+# The valid images (file names relative to the class root) and the split `assign_splits` gives each.
 VALID = {
     "ABE/ABE_00001.jpg": "train",
-    "ABE/ABE_00010.jpg": "validation",
-    "ABE/ABE_00011.jpg": "test",
-    "BAS/BAS_00012.jpg": "test",
+    "ABE/ABE_00002.jpg": "train",
+    "ABE/ABE_00003.jpg": "train",
+    "ABE/ABE_00004.jpg": "train",
+    "ABE/ABE_00005.jpg": "train",
+    "ABE/ABE_00006.jpg": "test",
+    "ABE/ABE_00007.jpg": "train",
+    "ABE/ABE_00008.jpg": "validation",
+    "BAS/BAS_00012.jpg": "train",
     "BLA/0001-1000/BLA_00001.jpg": "train",
     "BLA/0001-1000/BLA_00002.jpg": "train",
     "BLA/0001-1000/BLA_00012.jpg": "validation",
     "NGS/0001-1000/NGS_00001.jpg": "train",
-    "NGS/0001-1000/NGS_00005.jpg": "test",
-    "NGS/0001-1000/NGS_00007.jpg": "validation",
+    "NGS/0001-1000/NGS_00005.jpg": "validation",
+    "NGS/0001-1000/NGS_00007.jpg": "train",
     "NGS/29001-29424/NGS_29424.jpg": "train",
 }
 KNOWN_BAD = "NGS/4001-5000/NGS_04035.jpg"  # valid JPEG, left out by the builder
@@ -71,7 +77,7 @@ class BoneMarrowBuilderTest(tfds.testing.DatasetBuilderTestCase):
   """Builds the dummy download with TFDS's checks (registration, info, splits, as_dataset)."""
 
   DATASET_CLASS = bone_marrow.Builder
-  SPLITS = {"train": 5, "validation": 3, "test": 3}
+  SPLITS = {"train": 12, "validation": 3, "test": 1}
   # The builder downloads nothing: it reads `dl_manager.manual_dir`, which the test case sets to
   # the dummy_data folder beside the builder (found from DATASET_CLASS.code_path); said here too.
   EXAMPLE_DIR = str(DUMMY_DATA)
@@ -79,8 +85,9 @@ class BoneMarrowBuilderTest(tfds.testing.DatasetBuilderTestCase):
 
   def test_dummy_data_is_as_documented(self):
     self.assertEqual(self.SPLITS, SPLIT_SIZES)
-    for name, split in VALID.items():
-      self.assertEqual(splits.split_of(name), split, name)
+    found = sorted([*VALID, TRUNCATED])  # what the builder assigns: the known bad file left out
+    assigned = dict(zip(found, splits.assign_splits(found, [n[:3] for n in found]), strict=True))
+    self.assertEqual({name: assigned[name] for name in VALID}, VALID)
     files = {p.relative_to(DUMMY_DATA / CLASS_ROOT).as_posix()
              for p in (DUMMY_DATA / CLASS_ROOT).rglob("*") if p.is_file()}
     self.assertEqual(files, {*VALID, KNOWN_BAD, TRUNCATED})

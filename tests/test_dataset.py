@@ -1,7 +1,7 @@
 """Tests of the dataset path from a download to batches: discovery of every layout (folder, zip,
-class root), JPEG validation, stem-hash splits and folds, the TFDS builder via `prepare()` (build
-report, splits.csv, skipped and known-bad files, original bytes) and the class subset mapping of
-the evaluation pipeline."""
+class root), JPEG validation, the TFDS builder via `prepare()` (stratified splits, build report,
+splits.csv, skipped and known-bad files, original bytes) and the class subset mapping of the
+evaluation pipeline. The split functions themselves: tests/test_splits.py."""
 
 from __future__ import annotations
 
@@ -39,13 +39,26 @@ CORRUPT = {  # file name -> the start of the reason the builder gives for skippi
 KNOWN_BAD = "EOS/0001-0005/EOS_02571.jpg"
 PRESENT = ("ABE", "BAS", "BLA", "EOS", "NGS")
 MISSING = [c for c in classes.CODES if c not in PRESENT]  # MON included: its folder is empty.
-# Per split and class, what the stem hash gives the 35 valid files (checked against split_of
-# below). Every layout must prepare exactly this.
-EXPECTED_COUNTS = {
-    "train": {"ABE": 3, "BAS": 4, "BLA": 11, "EOS": 3, "NGS": 7},
-    "validation": {"BAS": 1, "BLA": 1, "EOS": 1, "NGS": 1},
-    "test": {"EOS": 2, "NGS": 1},
+# The valid files outside train. The builder assigns the 38 files it finds (the known bad one
+# left out, the 3 corrupt ones included: they turn out unreadable only when read) with
+# `splits.assign_splits`; per class 80/10/10 to within one file, e.g. BLA's 14 files 11/2/1 (the 2
+# corrupt BLA files are in train). Every layout must prepare exactly this.
+NOT_TRAIN = {
+    "ABE/ABE_00002.jpg": "validation",
+    "BAS/BAS_00001.jpg": "test",
+    "BLA/0001-0005/BLA_00003.jpg": "validation",
+    "BLA/0001-0005/BLA_00005.jpg": "validation",
+    "BLA/0011-0014/BLA_00012.jpg": "test",
+    "EOS/0001-0005/EOS_00002.jpg": "test",
+    "NGS/0001-0005/NGS_00005.jpg": "test",
+    "NGS/0006-0009/NGS_00007.jpg": "validation",
 }
+EXPECTED_COUNTS = {
+    "train": {"ABE": 2, "BAS": 4, "BLA": 9, "EOS": 5, "NGS": 7},
+    "validation": {"ABE": 1, "BLA": 2, "NGS": 1},
+    "test": {"BAS": 1, "BLA": 1, "EOS": 1, "NGS": 1},
+}
+SPLIT_SIZES = {"train": 27, "validation": 4, "test": 4}
 
 # Case -> (layout name discovery reports, read from a zip, class root inside the container).
 CASES = {
@@ -72,10 +85,11 @@ def _valid_names() -> set[str]:
 
 VALID = _valid_names()
 ALL_FILES = VALID | set(CORRUPT) | {KNOWN_BAD}
+SPLIT_OF = {name: NOT_TRAIN.get(name, "train") for name in VALID}
 
 
 def _expected_split(split: str) -> set[str]:
-  return {name for name in VALID if splits.split_of(name) == split}
+  return {name for name in VALID if SPLIT_OF[name] == split}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,37 +341,43 @@ def test_prepare_raises_without_a_download(tmp_path):
 
 
 def test_prepare_explains_an_empty_split(tmp_path):
-  # All 3 ABE images hash to train: validation and test would be empty.
-  assert {splits.split_of(f"ABE_{i:05d}") for i in (1, 2, 3)} == {"train"}
+  # 3 images: cuts at round(2.4) = 2 and round(2.7) = 3, so 2 / 1 / 0 and no test image.
+  names = [f"ABE/ABE_{i:05d}.jpg" for i in (1, 2, 3)]
+  assert splits.assign_splits(names, ["ABE"] * 3) == ["train", "validation", "train"]
   synthetic.write_synthetic_dataset(tmp_path / "manual", {"ABE": 3})
   with pytest.raises(discovery.DatasetNotFoundError) as info:
     prepare(str(tmp_path / "tfds"), str(tmp_path / "manual"))
   message = str(info.value)
-  assert "No usable image falls into the 'validation' split" in message
+  assert "No usable image falls into the 'test' split" in message
   assert "3 images were found" in message and "0 of them were assigned" in message
   assert not Builder(data_dir=str(tmp_path / "tfds"), file_format="array_record").is_prepared()
 
 
 def test_prepare_explains_a_split_of_only_unreadable_files(tmp_path):
-  # KSC_00001 -> validation, KSC_00002 -> train; the planted zero-byte KSC_00003 -> test.
-  assert [splits.split_of(f"KSC_{i:05d}") for i in (1, 2, 3)] == ["validation", "train", "test"]
-  ds = synthetic.write_synthetic_dataset(tmp_path / "manual", {"KSC": 2}, corrupt=True)
-  assert ds.corrupt == ("KSC/KSC_00003.jpg", "KSC/KSC_00004.jpg", "KSC/KSC_00005.jpg")
+  # 8 files, 6 / 1 / 1: KSC_00003 -> test; validation is the planted corrupt KSC_00008 alone.
+  ds = synthetic.write_synthetic_dataset(tmp_path / "manual", {"KSC": 5}, corrupt=True)
+  assert ds.corrupt == ("KSC/KSC_00006.jpg", "KSC/KSC_00007.jpg", "KSC/KSC_00008.jpg")
+  names = [f"KSC/KSC_{i:05d}.jpg" for i in range(1, 9)]
+  assert splits.assign_splits(names, ["KSC"] * 8) == [
+      "train", "train", "test", "train", "train", "train", "train", "validation"]
   with pytest.raises(discovery.DatasetNotFoundError) as info:
     prepare(str(tmp_path / "tfds"), str(tmp_path / "manual"))
   message = str(info.value)
-  assert "No usable image falls into the 'test' split" in message
-  assert "5 images were found" in message and "1 of them were assigned" in message
+  assert "No usable image falls into the 'validation' split" in message
+  assert "8 images were found" in message and "1 of them were assigned" in message
 
 
-
-
-def test_expected_counts_follow_split_of():
+def test_expected_counts_follow_assign_splits():
+  names = sorted(VALID | set(CORRUPT))
+  assigned = dict(zip(names, splits.assign_splits(names, [n[:3] for n in names]), strict=True))
+  assert {name: assigned[name] for name in VALID} == SPLIT_OF
+  assert {assigned[name] for name in CORRUPT} == {"train"}
   for split in splits.SPLITS:
     got = {}
     for name in _expected_split(split):
       got[name.split("/")[0]] = got.get(name.split("/")[0], 0) + 1
     assert got == EXPECTED_COUNTS[split]
+    assert sum(got.values()) == SPLIT_SIZES[split]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -385,8 +405,7 @@ def test_build_report(prepared, downloads, case):
   assert report["excluded_known_bad"] == [KNOWN_BAD]
   assert report["duplicates"] == [] and report["ignored"] == []
   info = prepared[case].info
-  assert {s: info.splits[s].num_examples for s in splits.SPLITS} == {
-      "train": 28, "validation": 4, "test": 3}
+  assert {s: info.splits[s].num_examples for s in splits.SPLITS} == SPLIT_SIZES
 
 
 @pytest.mark.parametrize("split", splits.SPLITS)
@@ -410,7 +429,7 @@ def test_prepared_records_hold_the_original_bytes_and_labels(prepared, downloads
       assert record["image"] == _original_bytes(ds, name), name  # Never re-encoded.
       assert validate_jpeg(record["image"]) == (250, 250)
       assert int(record["label"]) == classes.CODES.index(name.split("/")[0]), name
-      assert splits.split_of(name) == split
+      assert SPLIT_OF[name] == split
       seen += 1
   assert seen == 35
 
@@ -430,11 +449,10 @@ def test_splits_csv(prepared, case):
     rows = list(csv.reader(f))
   assert rows[0] == ["file_name", "code", "label", "split"]
   expected = sorted(
-      [name, name[:3], str(classes.CODES.index(name[:3])), splits.split_of(name)]
-      for name in VALID)
+      [name, name[:3], str(classes.CODES.index(name[:3])), SPLIT_OF[name]] for name in VALID)
   assert rows[1:] == expected
-  assert ["BLA/0011-0014/BLA_00012.jpg", "BLA", "3", "validation"] in rows
-  assert ["ABE/ABE_00001.jpg", "ABE", "0", "train"] in rows
+  assert ["BLA/0011-0014/BLA_00012.jpg", "BLA", "3", "test"] in rows
+  assert ["ABE/ABE_00002.jpg", "ABE", "0", "validation"] in rows
 
 
 def test_prepare_twice_reuses_the_prepared_dataset(prepared, tmp_path):
@@ -442,96 +460,8 @@ def test_prepare_twice_reuses_the_prepared_dataset(prepared, tmp_path):
   # Already prepared: the manual dir is not even looked at.
   again = prepare(os.path.dirname(os.path.dirname(builder.data_dir)), str(tmp_path / "nowhere"))
   assert again.data_dir == builder.data_dir
-  assert {s: again.info.splits[s].num_examples for s in splits.SPLITS} == {
-      "train": 28, "validation": 4, "test": 3}
-  assert len(input_pipeline.data_source(again, "test")) == 3
-
-
-# ------------------------------------------------------------------------------------------------
-# Splits and folds.
-
-
-def test_split_depends_only_on_the_stem():
-  for stem in ("BLA_00001", "NGS_12345", "ABE_00008", "EOS_02571"):
-    code = stem[:3]
-    variants = [f"{code}/0001-1000/{stem}.jpg", f"{code}/{stem}.JPG", f"x/y/{stem}.jpg",
-                f"{stem}.jpeg", f"{code}\\9001-9968\\{stem}.jpg", f"{code}/{stem.lower()}.jpg"]
-    assert len({splits.split_of(v) for v in variants}) == 1, stem
-    assert len({splits.fold_of(v, 5) for v in variants}) == 1, stem
-    assert {splits.file_stem(v) for v in variants} == {stem}
-
-
-def test_adding_files_moves_no_existing_file():
-  first = [f"NGS/{i // 1000 * 1000 + 1:04d}-x/NGS_{i:05d}.jpg" for i in range(1, 1001)]
-  more = [f"NGS/NGS_{i:05d}.jpg" for i in range(1001, 1501)] + [
-      f"BLA/BLA_{i:05d}.jpg" for i in range(1, 501)]
-  before = {splits.file_stem(n): splits.split_of(n) for n in first}
-  folds_before = {splits.file_stem(n): splits.fold_of(n, 5) for n in first}
-  after = {splits.file_stem(n): splits.split_of(n) for n in more + first[::-1]}
-  folds_after = {splits.file_stem(n): splits.fold_of(n, 5) for n in more + first[::-1]}
-  assert {k: after[k] for k in before} == before
-  assert {k: folds_after[k] for k in folds_before} == folds_before
-  assert set(before.values()) == set(splits.SPLITS)
-
-
-@pytest.mark.parametrize("code", ["ABE", "BLA", "NGS", "PMO"])
-def test_split_fractions_per_class(code):
-  n = 20_000
-  names = [f"{code}/{code}_{i:05d}.jpg" for i in range(1, n + 1)]
-  counts = {s: 0 for s in splits.SPLITS}
-  for name in names:
-    counts[splits.split_of(name)] += 1
-  assert sum(counts.values()) == n
-  for split, target in zip(splits.SPLITS, splits.DEFAULT_FRACTIONS, strict=True):
-    assert abs(counts[split] / n - target) <= 0.015, (split, counts)
-
-
-def test_split_with_other_fractions():
-  names = [f"LYT/LYT_{i:05d}.jpg" for i in range(1, 10_001)]
-  assert {splits.split_of(n, (1.0, 0.0, 0.0)) for n in names} == {"train"}
-  assert {splits.split_of(n, (0.0, 0.0, 1.0)) for n in names} == {"test"}
-  half = [splits.split_of(n, (0.5, 0.5, 0.0)) for n in names]
-  assert set(half) == {"train", "validation"}
-  assert abs(half.count("train") / len(names) - 0.5) <= 0.02
-  # Growing the train fraction only ever moves files into train.
-  for n in names[:2000]:
-    if splits.split_of(n, (0.7, 0.15, 0.15)) == "train":
-      assert splits.split_of(n, (0.8, 0.1, 0.1)) == "train"
-
-
-def test_folds_partition_the_names():
-  n, k = 20_000, 5
-  names = [f"{code}/{code}_{i:05d}.jpg" for code in ("BLA", "EBO") for i in range(1, n // 2 + 1)]
-  folds: list[set[str]] = [set() for _ in range(k)]
-  for name in names:
-    fold = splits.fold_of(name, k)
-    assert isinstance(fold, int) and 0 <= fold < k
-    folds[fold].add(name)
-  assert sum(len(f) for f in folds) == n
-  assert set().union(*folds) == set(names)
-  for i in range(k):
-    for j in range(i + 1, k):
-      assert not folds[i] & folds[j]
-    assert abs(len(folds[i]) / n - 1 / k) <= 0.02, [len(f) for f in folds]
-  # Folds use a hash independent of the split's: each fold holds about 10% test files.
-  for fold in folds:
-    test_share = sum(splits.split_of(name) == "test" for name in fold) / len(fold)
-    assert abs(test_share - 0.1) <= 0.02
-  assert {splits.fold_of(name, 2) for name in names} == {0, 1}
-
-
-@pytest.mark.parametrize("fractions", [
-    (0.8, 0.1), (0.8, 0.1, 0.05), (0.5, 0.5, 0.5), (1.2, -0.1, -0.1), (0.25, 0.25, 0.25, 0.25),
-])
-def test_invalid_fractions_raise(fractions):
-  with pytest.raises(ValueError, match="fractions"):
-    splits.split_of("BLA/BLA_00001.jpg", fractions)
-
-
-@pytest.mark.parametrize("num_folds", [1, 0, -3])
-def test_invalid_fold_count_raises(num_folds):
-  with pytest.raises(ValueError, match="num_folds"):
-    splits.fold_of("BLA/BLA_00001.jpg", num_folds)
+  assert {s: again.info.splits[s].num_examples for s in splits.SPLITS} == SPLIT_SIZES
+  assert len(input_pipeline.data_source(again, "test")) == 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,26 +533,26 @@ def test_class_mapping_unknown_code_lists_the_valid_codes():
 
 def test_eval_batches_with_a_class_subset(prepared):
   source = input_pipeline.data_source(prepared["kaggle"], "train")
-  assert len(source) == 28
+  assert len(source) == 27
   mapping = pipeline.ClassMapping.create(("NGS", "BLA"))
   size, batch_size = 32, 4
   kept = [r for r in (source[i] for i in range(len(source)))
           if classes.CODES[int(r["label"])] in mapping.codes]
-  assert len(kept) == 18  # 7 NGS + 11 BLA in train.
+  assert len(kept) == 16  # 7 NGS + 9 BLA in train.
   batches = list(pipeline.eval_batches(source, mapping=mapping, image_size=size,
                                        batch_size=batch_size))
-  assert len(batches) == 5  # ceil(18 / 4): one process, so no all-padding batches are needed.
+  assert len(batches) == 4  # 16 / 4: one process, so no all-padding batches are needed.
   for batch in batches:
     assert batch["image"].shape == (batch_size, size, size, 3)
     assert batch["image"].dtype == np.uint8
     assert batch["label"].shape == (batch_size,) and batch["mask"].shape == (batch_size,)
     assert batch["mask"].dtype == bool
     assert not batch["image"][~batch["mask"]].any() and not batch["label"][~batch["mask"]].any()
-  assert [int(b["mask"].sum()) for b in batches] == [4, 4, 4, 4, 2]
+  assert [int(b["mask"].sum()) for b in batches] == [4, 4, 4, 4]
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
   images = np.concatenate([b["image"][b["mask"]] for b in batches])
   assert set(labels.tolist()) == {0, 1}
-  assert int((labels == 0).sum()) == 7 and int((labels == 1).sum()) == 11
+  assert int((labels == 0).sum()) == 7 and int((labels == 1).sum()) == 9
   # Each kept example exactly once, in source order.
   expected_labels = [mapping.codes.index(classes.CODES[int(r["label"])]) for r in kept]
   assert labels.tolist() == expected_labels
@@ -630,7 +560,7 @@ def test_eval_batches_with_a_class_subset(prepared):
   expected = [hashlib.sha256(decode.decode_image(r["image"], size).tobytes()).hexdigest()
               for r in kept]
   assert digests == expected
-  assert len(set(digests)) == 18
+  assert len(set(digests)) == 16
 
 
 def test_eval_batches_identity_mapping_covers_the_split(prepared):
@@ -639,7 +569,7 @@ def test_eval_batches_identity_mapping_covers_the_split(prepared):
   batches = list(pipeline.eval_batches(source, mapping=mapping, image_size=16, batch_size=3))
   assert [int(b["mask"].sum()) for b in batches] == [3, 1]
   labels = sorted(np.concatenate([b["label"][b["mask"]] for b in batches]).tolist())
-  assert labels == sorted(classes.CODES.index(c) for c in ("BAS", "BLA", "EOS", "NGS"))
+  assert labels == sorted(classes.CODES.index(c) for c in ("ABE", "BLA", "BLA", "NGS"))
 
 
 def test_paths_are_posix_relative(prepared):

@@ -153,18 +153,21 @@ def test_normalize_images_is_exact():
 
 
 def test_kfold_selection_partitions_and_reads_all_splits():
-  names = [f"BLA/0001-1000/BLA_{i:05d}.jpg" for i in range(1, 2001)]
+  names = np.array([f"BLA/0001-1000/BLA_{i:05d}.jpg" for i in range(1, 2001)])
+  labels = np.full(len(names), 3)
   k = 5
-  tests = [[n for n in names if splits.Selection("test", i, k)(n)] for i in range(k)]
-  assert sorted(sum(tests, [])) == sorted(names)  # the test folds partition the data
+  tests = [names[splits.Selection("test", i, k).keep(names, labels)] for i in range(k)]
+  assert sorted(np.concatenate(tests)) == sorted(names)  # the test folds partition the data
   for i in range(k):
-    roles = {r: {n for n in names if splits.Selection(r, i, k)(n)} for r in splits.SPLITS}
+    roles = {r: set(names[splits.Selection(r, i, k).keep(names, labels)]) for r in splits.SPLITS}
     assert not roles["train"] & roles["validation"] and not roles["train"] & roles["test"]
     assert roles["train"] | roles["validation"] | roles["test"] == set(names)
-    assert 0.15 < len(roles["test"]) / len(names) < 0.25
-    assert 0.05 < len(roles["validation"]) / len(names) < 0.12
+    # Exactly 1/5 in test, 10% of the other 1,600 in validation.
+    assert {r: len(v) for r, v in roles.items()} == {"train": 1440, "validation": 160,
+                                                     "test": 400}
   plain = splits.Selection("validation")
-  assert plain.splits() == ("validation",) and plain(names[0])
+  assert plain.splits() == ("validation",) and not plain.filters
+  assert plain.keep(names[:3], labels[:3]).tolist() == [True] * 3
   assert splits.Selection("test", 1, 5).splits() == splits.SPLITS
   with pytest.raises(ValueError, match="both"):
     splits.Selection("train", 1, None)
@@ -181,10 +184,14 @@ def test_kfold_eval_reads_only_its_fold(source):
   indices, _ = pipeline.select_records(concat, mapping, selection.keep)
   batches = list(pipeline.eval_batches(concat, mapping=mapping, image_size=16, batch_size=4,
                                        indices=indices))
-  kept = [r for r in sources[0].records + sources[1].records
-          if selection(r["file_name"].decode())]
-  assert 0 < len(kept) < 17
-  assert sum(int(b["mask"].sum()) for b in batches) == len(kept)
+  records = sources[0].records + sources[1].records
+  mask = selection.keep([r["file_name"].decode() for r in records],
+                        [r["label"] for r in records])
+  # Labels 7-9 have one record: fold 0 (cut at round(1/2) = 1). Labels 0-6 have two records with
+  # the same stem (F00000 .. F00006, one per source): equal keys keep the input order, so the
+  # first source's goes to fold 0. Fold 0 is exactly the first source.
+  assert indices.tolist() == np.flatnonzero(mask).tolist() == list(range(10))
+  assert sum(int(b["mask"].sum()) for b in batches) == 10
 
 
 def _assert_same_batches(expected, actual):

@@ -8,6 +8,7 @@ record-index cache, augmentation, class-balanced sampling, class weights and the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 
@@ -51,7 +52,25 @@ def per_process_batch_size(global_batch_size: int) -> int:
 
 def selection(config: ml_collections.ConfigDict, role: str) -> splits.Selection:
   """Which files a role ('train', 'validation', 'test') reads under the config's protocol."""
-  return splits.Selection(role, config.data.fold, config.data.num_folds)
+  return splits.Selection(role, config.data.fold, config.data.num_folds, config.data.split)
+
+
+def protocol_report(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                    num_test_images: int) -> dict:
+  """What a test report records about the protocol (`splits.Selection.describe`), with the number
+  of test images evaluated; for 'dinobloom', the listed files absent from the prepared dataset."""
+  chosen = selection(config, "test")
+  file_names = None
+  if chosen.protocol == "dinobloom":
+    _, file_names = sampling.read_record_index(_role_source(builder, chosen),
+                                               _index_cache(builder, chosen))
+  described = chosen.describe(file_names)
+  if described.get("dinobloom_missing"):
+    logging.warning("%d of DinoBloom's %d test files are not in the prepared dataset (missing from "
+                    "the download, or excluded as known bad), e.g. %s.",
+                    described["dinobloom_missing"], described["dinobloom_listed"],
+                    ", ".join(described["dinobloom_missing_files"][:5]))
+  return {**described, "num_test_images": num_test_images}
 
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str):
@@ -73,9 +92,9 @@ def _select(config, builder, role: str, mapping: pipeline.ClassMapping, *, force
   """(source, records or None, number of examples) of a role; None: every record, unread."""
   chosen = selection(config, role)
   source = _role_source(builder, chosen)
-  if not force and mapping.is_identity and not chosen.uses_folds:
+  if not force and mapping.is_identity and not chosen.filters:
     return source, None, len(source)
-  records = pipeline.select_records(source, mapping, chosen.keep if chosen.uses_folds else None,
+  records = pipeline.select_records(source, mapping, chosen.keep if chosen.filters else None,
                                     _index_cache(builder, chosen))
   return source, records, len(records[0])
 

@@ -1,25 +1,35 @@
-"""Deterministic, file-level split assignment.
+"""Split protocols: stratified train / validation / test, stratified k-fold, DinoBloom's test list.
 
-A file's split depends on its stem alone (`BLA_00001`, taken from the file name without folders or
-extension), never on which other files exist, so adding or removing files moves no other file, and
-the Kaggle and TCIA layouts (or a zip) give the same assignment. The stem is hashed with SHA-256
-into a number u in [0, 1); u < train fraction goes to train, the next `validation` fraction to
-validation, the rest to test. Because every file is assigned independently, each class is split in
-the stated proportions up to sampling noise (stratified in expectation); a class of 8 images may
-well have 0 or 2 test images. Folds for k-fold cross-validation use a second, independent hash.
-
-Splits are image-level: the dataset publishes no patient id, so images of one patient can sit in
-different splits (as in Matek et al. 2021 and every published result on this dataset).
+Stratified by rank: within each class, files are ordered by a SHA-256 hash of their stem
+(`BLA_00001`: the file name without folders or extension) and cut by rank at rounded cumulative
+fractions, so each class gets its share to within one image, and the assignment is a pure function
+of the set of file names (the same for the Kaggle and TCIA layouts and for a zip). Splits are
+image-level: the dataset publishes no patient id, so one patient's cells can sit on both sides.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
+import importlib.resources
+import itertools
+import logging
+import math
 import posixpath
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
 
 SPLITS = ("train", "validation", "test")
 # Fractions of train / validation / test. Changing them changes the prepared dataset's splits.
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+PROTOCOLS = ("stratified", "dinobloom")
+# k-fold and DinoBloom: validation is this stratified share of the files outside the test set.
+VALIDATION_FRACTION = Fraction(1, 10)
+# DinoBloom's bone-marrow test split (see splits_data/README.md for its source and licence).
+DINOBLOOM_TEST_FILE = "dinobloom_bm_test.txt"
 
 
 def file_stem(file_name: str) -> str:
@@ -27,43 +37,95 @@ def file_stem(file_name: str) -> str:
   return posixpath.splitext(posixpath.basename(file_name.replace("\\", "/")))[0].upper()
 
 
-def _unit_hash(text: str) -> float:
-  digest = hashlib.sha256(text.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64
+def _cumulative(fractions: Sequence[float | Fraction]) -> list[Fraction]:
+  """Exact cumulative fractions (floats read as the decimals they print as), the last exactly 1."""
+  exact = [f if isinstance(f, Fraction | int) else Fraction(str(f)) for f in fractions]
+  if not exact or any(f < 0 for f in exact) or abs(sum(exact) - 1) > Fraction(1, 10**9):
+    raise ValueError(f"Split fractions must be non-negative numbers summing to 1: {fractions}")
+  cumulative = list(itertools.accumulate(exact))
+  cumulative[-1] = Fraction(1)
+  return cumulative
 
 
-def split_of(file_name: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
-  """The split ('train', 'validation' or 'test') of one file, from its stem alone."""
-  if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
-    raise ValueError(
-        f"Split fractions must be three non-negative numbers summing to 1: {fractions}")
-  u = _unit_hash("split:" + file_stem(file_name))
-  if u < fractions[0]:
-    return "train"
-  if u < fractions[0] + fractions[1]:
-    return "validation"
-  return "test"
+def _assign_by_rank(file_names: Sequence[str], codes: Sequence, fractions, salt: str) -> np.ndarray:
+  """int [N]: the part (0 .. len(fractions)-1) of every file.
+
+  Within each class (files with the same code), files are ranked 0 .. n-1 by SHA-256 of
+  `salt:stem` (ties, i.e. repeated stems, by stem then input order). Part j takes ranks
+  [c(j-1), c(j)) with c(j) = floor(n * (f_1 + ... + f_j) + 1/2), computed exactly: every cut is
+  within 1/2 image of its exact value, so every part is within one image of n * f_j.
+  """
+  codes = codes.tolist() if isinstance(codes, np.ndarray) else list(codes)
+  stems = [file_stem(str(name)) for name in file_names]
+  if len(codes) != len(stems):
+    raise ValueError(f"Got {len(stems)} file names but {len(codes)} class codes.")
+  cumulative = _cumulative(fractions)
+  members = collections.defaultdict(list)
+  for i, code in enumerate(codes):
+    members[code].append(i)
+  parts = np.empty(len(stems), np.int64)
+  for indices in members.values():
+    keys = {i: hashlib.sha256(f"{salt}:{stems[i]}".encode()).digest() for i in indices}
+    indices.sort(key=lambda i: (keys[i], stems[i]))
+    cuts = [math.floor(len(indices) * c + Fraction(1, 2)) for c in cumulative]
+    part = 0
+    for rank, i in enumerate(indices):
+      while rank >= cuts[part]:
+        part += 1
+      parts[i] = part
+  return parts
 
 
-def fold_of(file_name: str, num_folds: int) -> int:
-  """The cross-validation fold (0 .. num_folds-1) of one file, from its stem alone."""
-  if num_folds < 2:
-    raise ValueError(f"num_folds must be at least 2, got {num_folds}")
-  return int(_unit_hash("fold:" + file_stem(file_name)) * num_folds)
+def assign_splits(file_names: Sequence[str], codes: Sequence,
+                  fractions: Sequence[float | Fraction] = DEFAULT_FRACTIONS) -> list[str]:
+  """The split ('train', 'validation' or 'test') of every file, stratified by class.
+
+  `codes`: the class of each file (a code such as 'BLA' or a dataset label). Each class gets
+  within one image of its share of each split (rounding rule: `_assign_by_rank`).
+  """
+  if len(fractions) != 3:
+    raise ValueError(f"Split fractions must be three numbers (train, validation, test): "
+                     f"{fractions}")
+  return [SPLITS[p] for p in _assign_by_rank(file_names, codes, fractions, "split")]
+
+
+def assign_folds(file_names: Sequence[str], codes: Sequence, num_folds: int) -> list[int]:
+  """The cross-validation fold (0 .. num_folds-1) of every file, stratified by class.
+
+  Every class of n images has floor(n/k) or ceil(n/k) images in each fold, so a class with at
+  least k images is in every fold. Ordered by a hash independent of `assign_splits`'s.
+  """
+  if not isinstance(num_folds, int) or num_folds < 2:
+    raise ValueError(f"num_folds must be an integer of at least 2, got {num_folds}")
+  return _assign_by_rank(file_names, codes, [Fraction(1, num_folds)] * num_folds, "fold").tolist()
+
+
+@functools.cache
+def dinobloom_test_stems() -> frozenset[str]:
+  """The 34,266 file stems of DinoBloom's bone-marrow test split (shipped with bmcc)."""
+  text = (importlib.resources.files("bmcc.data") / "splits_data" / DINOBLOOM_TEST_FILE).read_text(
+      encoding="utf-8")
+  return frozenset(line.strip().upper() for line in text.splitlines() if line.strip())
 
 
 class Selection:
   """Which files of the prepared dataset a run uses for one role (train, validation or test).
 
-  Without folds, each role is the prepared split of the same name and nothing is filtered. With
-  k-fold cross-validation (fold i of k, as in Matek et al. 2021's 5-fold protocol), the role is
-  drawn from all prepared files: test is fold i; validation is the files of the other folds that
-  `split_of` puts in 'validation' (about 10%); train is the rest. Picklable (grain workers).
+  protocol 'stratified' without folds: each role is the prepared split of the same name, unread.
+  With k folds (fold i of k, Matek et al. 2021's protocol): test is fold i (`assign_folds`).
+  protocol 'dinobloom': test is the files on DinoBloom's list. In both, validation is a stratified
+  `VALIDATION_FRACTION` of the other files and train the rest. Picklable (grain workers).
   """
 
-  def __init__(self, role: str, fold: int | None = None, num_folds: int | None = None):
+  def __init__(self, role: str, fold: int | None = None, num_folds: int | None = None,
+               protocol: str = "stratified"):
     if role not in SPLITS:
       raise ValueError(f"role must be one of {SPLITS}, got {role!r}")
+    if protocol not in PROTOCOLS:
+      raise ValueError(f"config.data.split={protocol!r}: use one of {', '.join(PROTOCOLS)}.")
+    if protocol == "dinobloom" and (fold is not None or num_folds is not None):
+      raise ValueError("config.data.split='dinobloom' has a fixed test set: unset data.fold and "
+                       "data.num_folds (k-fold cross-validation uses split='stratified').")
     if (fold is None) != (num_folds is None):
       raise ValueError("Set both data.fold and data.num_folds, or neither.")
     if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
@@ -72,29 +134,70 @@ class Selection:
     self.role = role
     self.fold = fold
     self.num_folds = num_folds
+    self.protocol = protocol
 
   @property
-  def uses_folds(self) -> bool:
-    return self.num_folds is not None
+  def filters(self) -> bool:
+    """Whether the role must read the record index and call `keep` (k-fold and dinobloom)."""
+    return self.num_folds is not None or self.protocol == "dinobloom"
 
   def splits(self) -> tuple[str, ...]:
     """The prepared splits this role reads."""
-    return SPLITS if self.uses_folds else (self.role,)
+    return SPLITS if self.filters else (self.role,)
 
-  def keep(self, file_names, labels=None):
-    """bool [N]: which of the records (file names and dataset labels) of the role's splits it uses.
+  def roles(self, file_names: Sequence[str], labels: Sequence) -> np.ndarray:
+    """str [N]: the role of every record of `splits()` (file names and dataset labels)."""
+    names = [str(name) for name in file_names]
+    codes = np.asarray(labels).tolist()
+    if self.protocol == "dinobloom":
+      listed = dinobloom_test_stems()
+      is_test = np.array([file_stem(name) in listed for name in names], bool)
+    elif self.num_folds is not None:
+      is_test = np.asarray(assign_folds(names, codes, self.num_folds), np.int64) == self.fold
+    else:
+      return np.full(len(names), self.role)
+    roles = np.full(len(names), "test", dtype="<U10")
+    rest = np.flatnonzero(~is_test)
+    roles[rest] = assign_splits([names[i] for i in rest], [codes[i] for i in rest],
+                                (1 - VALIDATION_FRACTION, VALIDATION_FRACTION, 0))
+    return roles
 
-    A function of the whole set of names, so that a selection can be stratified by class.
+  def keep(self, file_names: Sequence[str], labels: Sequence) -> np.ndarray:
+    """bool [N]: which of ALL records of the role's splits it uses (a function of the whole set).
+
+    For the train role, logs how the protocol divides the records.
     """
-    import numpy as np  # noqa: PLC0415
+    roles = self.roles(file_names, labels)
+    if self.role == "train" and self.filters:
+      counts = {s: int((roles == s).sum()) for s in SPLITS}
+      logging.info("Protocol %s: %s.", self._name(),
+                   ", ".join(f"{n} {s}" for s, n in counts.items()))
+      missing = self.describe(file_names).get("dinobloom_missing")
+      if missing:
+        logging.warning("%d files of DinoBloom's test list are not in the prepared dataset "
+                        "(missing from the download, or excluded as known bad).", missing)
+    return roles == self.role
 
-    return np.fromiter((self(str(name)) for name in file_names), bool, len(file_names))
+  def _name(self) -> str:
+    """'stratified 80/10/10', 'stratified fold 2 of 5' or 'dinobloom'."""
+    if self.protocol == "dinobloom":
+      return "dinobloom (DinoBloom's test list; validation 10% of the rest)"
+    if self.num_folds is not None:
+      return f"stratified fold {self.fold} of {self.num_folds}"
+    return "stratified " + "/".join(f"{round(f * 100)}" for f in DEFAULT_FRACTIONS)
 
-  def __call__(self, file_name: str) -> bool:
-    if not self.uses_folds:
-      return True
-    in_fold = fold_of(file_name, self.num_folds) == self.fold
-    if self.role == "test":
-      return in_fold
-    is_validation = split_of(file_name) == "validation"
-    return not in_fold and (is_validation if self.role == "validation" else not is_validation)
+  def describe(self, file_names: Sequence[str] | None = None) -> dict:
+    """What a test report records about the protocol.
+
+    protocol, fold, num_folds; for 'dinobloom' with the record index's `file_names`, also
+    `dinobloom_listed` (stems on the list), `dinobloom_missing` (how many of them are not among
+    the records: absent from the download, or excluded as known bad) and up to 20 of their stems
+    (`dinobloom_missing_files`).
+    """
+    described = {"protocol": self.protocol, "fold": self.fold, "num_folds": self.num_folds}
+    if self.protocol == "dinobloom" and file_names is not None:
+      listed = dinobloom_test_stems()
+      missing = sorted(listed - {file_stem(str(name)) for name in file_names})
+      described.update(dinobloom_listed=len(listed), dinobloom_missing=len(missing),
+                       dinobloom_missing_files=missing[:20])
+    return described

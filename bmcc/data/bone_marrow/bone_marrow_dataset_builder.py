@@ -3,7 +3,8 @@
 Manual download (see README.md beside this file, the dataset card). Prepared as ArrayRecord shards
 without TensorFlow. Each example holds the original JPEG bytes (validated, never re-encoded), the
 label (all 21 class codes, alphabetical) and the file name relative to the class root. Splits are
-assigned per file from its stem (`bmcc.data.splits`). Unreadable files are skipped and listed.
+stratified 80/10/10 within each class over the files found, less the known bad ones
+(`bmcc.data.splits.assign_splits`). Unreadable files are skipped and listed.
 
 Written shard by shard (`tfds.core.ShardBasedBuilder`, `_SHARD_SIZE` images each), so memory stays
 flat whatever the download's size: TFDS's `GeneratorBasedBuilder` holds a whole split in memory up
@@ -81,8 +82,12 @@ def _order_key(entry: discovery.ImageEntry) -> bytes:
 class Builder(tfds.core.ShardBasedBuilder):
   """The bone-marrow cytomorphology dataset, from a manual download."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: original JPEGs, 80/10/10 stem-hash splits."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: original JPEGs, 80/10/10 stem-hash splits.",
+      "2.0.0": "Stratified splits: 80/10/10 within each class to within one image (files ranked "
+               "by a hash of their stem), so every class of 8 or more images is in every split.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download the dataset from Kaggle (andrewmvd/bone-marrow-cell-classification: one zip) or from
   The Cancer Imaging Archive (Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer) and put the
@@ -120,11 +125,15 @@ class Builder(tfds.core.ShardBasedBuilder):
       self._discovered = discovery.discover(dl_manager.manual_dir)
     found = self._discovered
     per_split: dict[str, list[discovery.ImageEntry]] = collections.defaultdict(list)
+    kept = []
     for entry in found.entries:
       if splits.file_stem(entry.file_name) in KNOWN_BAD_FILES:
         self.excluded.append(entry.file_name)
-        continue
-      per_split[splits.split_of(entry.file_name)].append(entry)
+      else:
+        kept.append(entry)
+    assigned = splits.assign_splits([e.file_name for e in kept], [e.code for e in kept])
+    for entry, split in zip(kept, assigned, strict=True):
+      per_split[split].append(entry)
     shards = {}
     for name in splits.SPLITS:
       entries = sorted(per_split[name], key=_order_key)
