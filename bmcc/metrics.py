@@ -123,6 +123,18 @@ def _calibration(confidence: np.ndarray, correct: np.ndarray, num_bins: int) -> 
   }
 
 
+def _codes_and_names(class_codes: Sequence[str], class_names: Sequence[str] | None
+                     ) -> tuple[list[str], list[str]]:
+  """The class codes as strings and their names (by default from `bmcc.data.classes.NAMES`)."""
+  codes = [str(c) for c in class_codes]
+  names = list(class_names) if class_names is not None else [
+      classes.NAMES.get(c, c) for c in codes
+  ]
+  if len(names) != len(codes):
+    raise ValueError(f"Got {len(names)} class names for {len(codes)} class codes.")
+  return codes, names
+
+
 def confusion_report(counts: np.ndarray, class_codes: Sequence[str], *,
                      class_names: Sequence[str] | None = None) -> dict[str, Any]:
   """The part of `classification_report` that a confusion matrix determines.
@@ -138,13 +150,8 @@ def confusion_report(counts: np.ndarray, class_codes: Sequence[str], *,
     `macro_precision`, `macro_recall`, `macro_f1`, `weighted_f1`, `absent_classes`, `per_class`
     and `confusion_matrix`, with the conventions of the module docstring.
   """
-  codes = [str(c) for c in class_codes]
+  codes, names = _codes_and_names(class_codes, class_names)
   num_classes = len(codes)
-  names = list(class_names) if class_names is not None else [
-      classes.NAMES.get(c, c) for c in codes
-  ]
-  if len(names) != num_classes:
-    raise ValueError(f"Got {len(names)} class names for {num_classes} class codes.")
   cm = np.asarray(counts)
   if cm.shape != (num_classes, num_classes) or (cm.size and (cm < 0).any()):
     raise ValueError(f"counts must be a non-negative [{num_classes}, {num_classes}] matrix, got "
@@ -218,13 +225,8 @@ def classification_report(
     support), `per_class` (code -> name, precision, recall, f1, support, predicted),
     `confusion_matrix` (class_order, counts, row_normalized) and `calibration` (reliability bins).
   """
-  codes = [str(c) for c in class_codes]
+  codes, names = _codes_and_names(class_codes, class_names)
   num_classes = len(codes)
-  names = list(class_names) if class_names is not None else [
-      classes.NAMES.get(c, c) for c in codes
-  ]
-  if len(names) != num_classes:
-    raise ValueError(f"Got {len(names)} class names for {num_classes} class codes.")
   labels = np.asarray(labels).reshape(-1)
   probs = np.asarray(probabilities)
   if probs.shape != (labels.size, num_classes):
