@@ -46,6 +46,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"each halve the size: use at least {smallest}, or fewer blocks "
         "(config.model_config.features).")
   _check_durations(config)
+  _check_finetune(config)
   if config.log_every_steps <= 0:
     raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
   if config.stop_at_step is not None and config.stop_at_step <= 0:
@@ -99,3 +100,29 @@ def _check_durations(config: ml_collections.ConfigDict) -> None:
   if (config.get("num_train_steps") is None and config.get("warmup_steps") is None
       and warmup is not None and total is not None and warmup > total):
     raise ConfigError(f"config.warmup_epochs={warmup} must be in 0..num_epochs ({total}).")
+
+
+def _check_finetune(config: ml_collections.ConfigDict) -> None:
+  """`pretrained`, `input_normalization` and `finetune.*` (see configs/default.py)."""
+  from bmcc import steps
+  from bmcc.models import pretrained
+
+  if config.get("input_normalization", "auto") not in ("auto", "imagenet", "stain"):
+    raise ConfigError(f"config.input_normalization={config.input_normalization!r}: use auto, "
+                      "imagenet or stain.")
+  if config.get("pretrained") and config.model not in pretrained.ARCHS:
+    raise ConfigError(f"config.pretrained is set, but there are no pretrained weights for "
+                      f"{config.model!r}; supported: {', '.join(pretrained.ARCHS)}.")
+  tune = config.get("finetune") or {}
+  decay = tune.get("layer_decay", 1.0)
+  if not isinstance(decay, int | float) or not 0 < decay <= 1:
+    raise ConfigError(f"config.finetune.layer_decay={decay} must be in (0, 1] (1: off).")
+  for key in ("freeze_steps", "freeze_epochs"):
+    if (tune.get(key) or 0) < 0:
+      raise ConfigError(f"config.finetune.{key}={tune[key]} must be >= 0.")
+  head = tune.get("head_learning_rate")
+  if head is not None and head <= 0:
+    raise ConfigError(f"config.finetune.head_learning_rate={head} must be positive, or None.")
+  if steps.uses_finetune_optimizer(config) and not config.model.startswith(("vit_", "res")):
+    raise ConfigError(f"config.finetune (layer decay, freezing, head rate) needs a ViT or a "
+                      f"ResNet, not {config.model!r}.")
