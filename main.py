@@ -4,6 +4,7 @@
   python main.py --config configs/demo.py --workdir runs/demo --mode=evaluate --split=test
   python main.py --config configs/default.py --workdir runs/x --mode=prepare
   python main.py --config configs/demo.py --workdir runs/demo --mode=predict cell.jpg cells/
+  python main.py --config configs/dinobloom_s_probe.py --workdir runs/dbs --mode=features  # probes
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare", "features"],
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
-                  "and folders given as arguments, or prepare the dataset.")
+                  "and folders given as arguments, prepare the dataset, or embed every split with "
+                  "the pretrained backbone and fit linear and kNN probes (features).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "Checkpoint for --mode=evaluate and --mode=predict.")
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> int:
   from bmcc.preemption import TrainingInterrupted
 
   config = FLAGS.config
-  if FLAGS.mode in ("train", "evaluate"):
+  if FLAGS.mode in ("train", "evaluate", "features"):
     _initialize_distributed()
   try:
     if FLAGS.mode == "prepare":
@@ -87,6 +89,9 @@ def main(argv: list[str]) -> int:
           FLAGS.workdir, argv[1:], checkpoint=FLAGS.checkpoint,
           batch_size=config.eval_batch_size, top_k=FLAGS.top_k, tta=FLAGS.tta,
           output_csv=FLAGS.output_csv)
+    elif FLAGS.mode == "features":
+      from bmcc import features
+      features.features_and_probes(config, FLAGS.workdir)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
