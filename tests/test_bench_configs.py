@@ -141,5 +141,7 @@ def test_train_step_benchmark_runs_without_tensorflow():
   assert float(lines[-1].split("=")[1]) > 0
   assert "tensorflow_imported=False" in lines
   assert any(line.startswith("device=cpu x4 ") for line in lines), lines[:3]
+  forward = [line for line in lines if line.startswith("forward_images_per_second=")]
+  assert forward and float(forward[0].split("=")[1].split()[0]) > 0  # the features pass alone
   flops = [line for line in lines if line.startswith("train_flops_per_image=")]
   assert flops and float(flops[0].split("=")[1].split()[0]) > 0
