@@ -16,9 +16,9 @@ weight average (EMA 0.999) as in `configs/default.py`; the best checkpoint by va
 accuracy is tested. Inputs are normalised with ImageNet statistics (the weights expect them;
 stored with the checkpoint, so evaluate and predict follow).
 
-Why: DinoBloom's features were learnt on ~380k blood and bone-marrow cells, this dataset among
-them, so they start far closer to the task than ImageNet's; layer decay keeps the early, generic
-layers close to them while the head and the last blocks adapt. Compare with
+Why: DinoBloom's features were learnt on ~380k images of blood and bone-marrow cells from public
+datasets, so they start far closer to the task than ImageNet's; layer decay keeps the early,
+generic layers close to them while the head and the last blocks adapt. Compare with
 `configs/dinobloom_s_probe.py` (frozen features) and `configs/resnet50_imagenet.py`.
 
 Time per epoch and metrics: not yet measured (no GPU lent). Cost: 47.1 GFLOP per image forward
