@@ -116,6 +116,10 @@ def test_features_mode_needs_pretrained_weights(tmp_path, cache_dir):
   config.pretrained = None
   with pytest.raises(config_validation.ConfigError, match="config.pretrained"):
     features.features_and_probes(config, str(tmp_path / "w"))
+  # The command line dispatches --mode=features and reports the bad config with exit status 2.
+  proc = helpers.run_main("tiny.py", str(tmp_path / "cli"), "--mode=features", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "--mode=features embeds with pretrained weights" in proc.stderr
 
 
 def test_finetune_freezes_then_trains_and_resumes_without_the_weight_file(tmp_path, cache_dir):
