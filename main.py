@@ -4,6 +4,7 @@
   python main.py --workdir runs/demo --mode=evaluate --split=test            # the run's config.json
   python main.py --workdir runs/demo --mode=predict cell.jpg cells/
   python main.py --config configs/default.py --mode=prepare                  # only the dataset
+  python main.py --config configs/dinobloom_s_probe.py --workdir runs/dbs --mode=features  # probes
 
 --mode=evaluate and --mode=predict read the configuration the training run saved in
 <workdir>/config.json unless --config is given. Override any config value with
@@ -28,7 +29,7 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(REPO, "configs")
-MODES = ("train", "evaluate", "predict", "prepare", "cross_validate")
+MODES = ("train", "evaluate", "predict", "prepare", "cross_validate", "features")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -38,8 +39,9 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
 flags.DEFINE_enum("mode", "train", list(MODES),
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
-                  "and folders given as arguments, prepare the dataset, or cross_validate (every "
-                  "fold into <workdir>/fold_<i>, then cv_summary.json).")
+                  "and folders given as arguments, prepare the dataset, cross_validate (every "
+                  "fold into <workdir>/fold_<i>, then cv_summary.json), or features (embed every "
+                  "split with the pretrained backbone, then linear and kNN probes).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "Checkpoint for --mode=evaluate and --mode=predict.")
@@ -212,7 +214,7 @@ def _check_usage(mode: str, paths: list[str]) -> None:
   if mode != "prepare" and FLAGS.workdir is None:
     what = "write the run into" if mode == "train" else "read the training run from"
     fail(f"--mode={mode} needs --workdir (the folder to {what}).")
-  if mode in ("train", "prepare", "cross_validate") and FLAGS.config is None:
+  if mode in ("train", "prepare", "cross_validate", "features") and FLAGS.config is None:
     fail(f"--mode={mode} needs --config, e.g. --config configs/demo.py "
          "(python main.py --help lists the configs).")
 
@@ -250,7 +252,7 @@ def main(argv: list[str]) -> int:
       # The run's own config, as it trained; not validated again (it may come from an older
       # bmcc with fewer keys, and evaluate and predict use only its data and batch sizes).
       config = run_config.load_run_config(FLAGS.workdir)
-    if mode in ("train", "evaluate", "cross_validate"):
+    if mode in ("train", "evaluate", "cross_validate", "features"):
       _initialize_distributed()
     if mode != "predict" and FLAGS.config is not None:  # before any data work
       checked = config
@@ -280,6 +282,9 @@ def main(argv: list[str]) -> int:
       cross_validation.run_folds(config, FLAGS.workdir, folds=FLAGS.folds)
     elif mode == "predict":
       return _predict(config, paths)
+    elif mode == "features":
+      from bmcc import features
+      features.features_and_probes(config, FLAGS.workdir)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

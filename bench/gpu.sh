@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU measurements for bmcc on one H100/H200, in under 8 minutes, as one Markdown table.
+# GPU measurements for bmcc on one H100/H200, in under 10 minutes, as one Markdown table.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from anywhere in the repo
 #   BMCC_GPU_SH_SMOKE=1 BMCC_GPU_SH_BUDGET=900 bash bench/gpu.sh  # the logic, on a CPU (tiny.py)
@@ -10,18 +10,21 @@
 # over a prepared synthetic dataset of 250 x 250 JPEGs, and the ratio (2)/(1); (3) the input
 # pipeline alone on the host (bench/input_pipeline.py, if present: the same dataset, image size,
 # batch and workers); (4) the simple CNN (configs/simple_cnn.py, 250 px, float32, batch 128) on a
-# device-resident batch. (2) reads batches exactly as training does (a thread puts them on the
-# devices ahead of the step). Each row is one run of bench/train_step.py
+# device-resident batch; (5) ViT-S/14 and (6) ViT-B/14 (configs/dinobloom_s_probe.py and
+# configs/dinobloom_b_finetune.py: 224 px, bf16, batch 256, random weights: nothing is
+# downloaded) on a device-resident batch. Every bench/train_step.py row also times the eval-mode
+# forward pass alone (`model.features`, what --mode=features runs): the "forward images/s" column.
+# (2) reads batches exactly as training does (a thread puts them on the devices ahead of the step). Each row is one run of bench/train_step.py
 # (or bench/input_pipeline.py) under its own `timeout`; the whole script stops starting runs when
-# its budget (BMCC_GPU_SH_BUDGET seconds, default 450) is spent. A run that fails or times out
+# its budget (BMCC_GPU_SH_BUDGET seconds, default 540) is spent. A run that fails or times out
 # shows as such in the table; the others still run. The table is printed at the end and written
 # to $OUT/gpu_table.md, the runs' full output to $OUT/gpu_logs.txt, if $OUT is set.
 #
 # Nothing is installed from the network (the GPU machine is offline). The GPU machine's python3
 # has jax, flax, optax, numpy, absl, etils, protobuf, pillow, opencv and pyyaml but not
-# ml_collections, grain or tensorflow_datasets. Row (1) and (4) need only ml-collections; rows (2),
-# (3) and (5) need grain and TFDS (TF-less: TFDS reads and prepares ArrayRecord datasets without
-# TensorFlow). If a folder `.whl/` is in the repo root, its wheels are installed with
+# ml_collections, grain or tensorflow_datasets. Rows (1), (4), (5) and (6) need only
+# ml-collections; rows (2) and (3) need grain and TFDS (TF-less: TFDS reads and prepares ArrayRecord
+# datasets without TensorFlow). If a folder `.whl/` is in the repo root, its wheels are installed with
 # `pip install --no-index --no-deps --target /tmp/bmcc-site` and put first on PYTHONPATH. Make it
 # here (Python 3.12, x86-64 Linux wheels; the versions of constraints.txt, the ones tested), with
 # `.whl/` ignored by git (`echo /.whl/ >> .git/info/exclude`):
@@ -43,7 +46,7 @@
 #
 # Environment: PYTHON (default python3), OUT, BMCC_GPU_SH_SMOKE, BMCC_GPU_SH_BUDGET,
 # BMCC_INPUT_PIPELINE_ARGS (extra arguments for bench/input_pipeline.py), JAX_COMPILATION_CACHE_DIR
-# (default /tmp/bmcc-jax-cache: rows (2) and (5) reuse row (1)'s compiled step).
+# (default /tmp/bmcc-jax-cache: row (2) reuses row (1)'s compiled step).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,7 +55,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/bmcc-jax-cache}"
 PYTHON="${PYTHON:-python3}"
 SMOKE="${BMCC_GPU_SH_SMOKE:-0}"
-BUDGET="${BMCC_GPU_SH_BUDGET:-450}"
+BUDGET="${BMCC_GPU_SH_BUDGET:-540}"
 START_SECONDS=$SECONDS
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -73,6 +76,10 @@ if [[ "$SMOKE" == 1 ]]; then
   PIPELINE=(--config configs/tiny.py --rounds 1 --warmup_batches 2 --num_batches 8)
   PIPELINE_LABEL="tiny"
   CNN_LABEL="tiny (smoke, stands in for the simple CNN)"
+  VIT_S=(--config configs/tiny.py)
+  VIT_B=(--config configs/tiny.py)
+  VIT_S_LABEL="tiny (smoke, stands in for ViT-S/14)"
+  VIT_B_LABEL="tiny (smoke, stands in for ViT-B/14)"
 else
   RESNET=(--config configs/resnet50.py --config.image_size=224 --config.batch_size=256
           --config.model_config.dtype=bfloat16)
@@ -87,6 +94,11 @@ else
             --config.data.num_workers=8 --rounds 1 --warmup_batches 16 --num_batches 60)
   PIPELINE_LABEL="224 px, batch 256, 8 workers"
   CNN_LABEL="simple CNN, 250 px, fp32, batch 128"
+  VIT_S=(--config configs/dinobloom_s_probe.py --config.model_config.dtype=bfloat16
+         --config.batch_size=256)
+  VIT_B=(--config configs/dinobloom_b_finetune.py --config.batch_size=256)
+  VIT_S_LABEL="ViT-S/14, 224 px, bf16, batch 256"  # all layers train, as after unfreezing
+  VIT_B_LABEL="ViT-B/14, 224 px, bf16, batch 256, layer decay, drop path, EMA"
 fi
 
 LOGS="$(mktemp -d /tmp/bmcc-gpu-sh.XXXXXX)"
@@ -107,7 +119,7 @@ measure() {
   shift 4
   local log="$LOGS/$name.log" left=$((BUDGET - (SECONDS - START_SECONDS))) rc=0 status
   if ((left < 30)); then
-    ROWS+=("| $label | $input | skipped: time budget spent | | | | |")
+    ROWS+=("| $label | $input | skipped: time budget spent | | | | | |")
     echo "== $name: skipped (${left} s of the budget left)"
     return 0
   fi
@@ -116,7 +128,8 @@ measure() {
   if timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1; then rc=0; else rc=$?; fi
   grep -E "^(device|model|parameters|dataset|compile_seconds|warmup_seconds|step_seconds|\
 train_flops_per_image|forward_flops_per_image_hlo|achieved_tflops_per_device|\
-peak_tflops_per_device|fraction_of_peak|tensorflow_imported|images_per_second)[=:]" "$log" || true
+peak_tflops_per_device|fraction_of_peak|forward_images_per_second|tensorflow_imported|\
+images_per_second)[=:]" "$log" || true
   if ((rc == 0)); then
     status="$(value images_per_second "$log")"
   else
@@ -131,7 +144,8 @@ peak_tflops_per_device|fraction_of_peak|tensorflow_imported|images_per_second)[=
     step_ms="$(awk -v s="$step" 'BEGIN { printf "%.1f", 1000 * s }')"
   fi
   ROWS+=("| $label | $input | $status | $step_ms | $(value train_flops_per_image "$log") \
-| $(value achieved_tflops_per_device "$log") | $(value fraction_of_peak "$log") |")
+| $(value achieved_tflops_per_device "$log") | $(value fraction_of_peak "$log") \
+| $(value forward_images_per_second "$log") |")
   IPS[$name]="$(value images_per_second "$log")"
   return 0
 }
@@ -152,10 +166,14 @@ if [[ -f bench/input_pipeline.py ]]; then
     "$PYTHON" bench/input_pipeline.py "${PIPELINE[@]}" ${BMCC_INPUT_PIPELINE_ARGS:-}
 else
   ROWS+=("| input pipeline alone | synthetic JPEGs | n/a: bench/input_pipeline.py missing \
-| | | | |")
+| | | | | |")
 fi
 measure cnn_synthetic "$CNN_LABEL" "in-memory batch" 120 \
   "$PYTHON" bench/train_step.py "${CNN[@]}" "${SYNTHETIC_STEPS[@]}"
+measure vit_s_synthetic "$VIT_S_LABEL" "in-memory batch" 120 \
+  "$PYTHON" bench/train_step.py "${VIT_S[@]}" "${SYNTHETIC_STEPS[@]}"
+measure vit_b_synthetic "$VIT_B_LABEL" "in-memory batch" 150 \
+  "$PYTHON" bench/train_step.py "${VIT_B[@]}" "${SYNTHETIC_STEPS[@]}"
 
 ratio="$(awk -v p="${IPS[resnet_pipeline]:-n/a}" -v s="${IPS[resnet_synthetic]:-n/a}" \
   'BEGIN { if (p + 0 > 0 && s + 0 > 0) printf "%.3f", p / s; else print "n/a" }')"
@@ -164,8 +182,8 @@ TABLE="$LOGS/gpu_table.md"
   echo "Device: $DEVICE; $(date -u +%Y-%m-%dT%H:%MZ); $((SECONDS - START_SECONDS)) s in all."
   echo
   echo "| model | input | images/s | step ms | train FLOP/image | TFLOP/s/device \
-| fraction of peak |"
-  echo "|---|---|---|---|---|---|---|"
+| fraction of peak | forward images/s |"
+  echo "|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "Pipeline-fed / in-memory images/s ($RESNET_LABEL): $ratio"

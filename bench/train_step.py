@@ -3,6 +3,7 @@
   python bench/train_step.py --config configs/tiny.py                      # CPU smoke run
   python bench/train_step.py --config configs/resnet50.py --steps 20       # ResNet-50, bf16, 224 px
   python bench/train_step.py --config configs/resnet50.py --input=pipeline --warmup 16 --steps 60
+  python bench/train_step.py --config configs/dinobloom_b_finetune.py --steps 20   # ViT-B/14, bf16
 
 `--input=synthetic` (default): one batch of random uint8 images and labels, generated once on the
 devices and sharded over the `data` mesh axis, is fed to every step, so only the step is timed. This
@@ -25,7 +26,14 @@ time, and time that program, so no NNX Python overhead is counted. The FLOPs per
 XLA's cost analysis of the compiled program (per device, divided by the per-device batch); the
 unoptimised HLO's count of the step and of the eval-mode forward pass is printed beside it. The
 fraction of peak uses a small table of dense peak TFLOP/s per device kind ('n/a' for devices not
-in it, the CPU included). The last line is `images_per_second=<float>`.
+in it, the CPU included).
+
+Then `--forward_steps` steps of the eval-mode forward pass alone on the same batch, timed the same
+way: `model.features` for the ViTs and ResNets (what `--mode=features` runs per batch), the logits
+for the simple CNN; `forward_images_per_second=<float>`. Pretrained configs build the same model
+with random weights (nothing is loaded; the weights do not change the speed), with the fine-tuning
+optimizer as after unfreezing (the frozen steps skip the backbone's Adam update). The last line is
+`images_per_second=<float>` (training).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "tiny.py
 flags.DEFINE_integer("steps", 20, "Timed training steps.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
+flags.DEFINE_integer("forward_steps", 10,
+                     "Timed forward-only (features) steps after the training steps; 0: none.")
 flags.DEFINE_enum("input", "synthetic", ["synthetic", "pipeline"],
                   "synthetic: one device-resident random batch; pipeline: the grain training "
                   "pipeline over a prepared synthetic JPEG dataset.")
@@ -144,7 +154,6 @@ def main(argv: list[str]) -> None:
   from jax.sharding import PartitionSpec as P
 
   from bmcc import steps
-  from bmcc.data.normalization import normalize_images
 
   config = FLAGS.config
   if FLAGS.batch_size is not None:
@@ -166,9 +175,10 @@ def main(argv: list[str]) -> None:
   replicated = NamedSharding(mesh, P())
   start = time.time()
   model = steps.create_model(config, num_classes)
+  # A fine-tuning config's optimizer as after unfreezing (freeze_steps 0).
   optimizer = nnx.Optimizer(
       model, steps.create_optimizer(config, steps.create_learning_rate_fn(
-          config, steps.resolve_durations(config, steps_per_epoch=500))), wrt=nnx.Param)
+          config, steps.resolve_durations(config, steps_per_epoch=500)), model), wrt=nnx.Param)
   model_graph, model_state = nnx.split(model)
   ema = steps.create_ema(config, model)  # the weight average, if the config keeps one
   graphdef, state = nnx.split((model, optimizer, ema))
@@ -187,7 +197,13 @@ def main(argv: list[str]) -> None:
   def forward(model_state, images):
     model = nnx.merge(model_graph, model_state)
     model.eval()
-    return model(normalize_images(images, np.float32))
+    return model(steps.normalize_input(model, images))
+
+  def features(model_state, images):
+    model = nnx.merge(model_graph, model_state)
+    model.eval()
+    embed = getattr(model, "features", model)
+    return embed(steps.normalize_input(model, images)).astype(np.float32)
 
   cleanup = None
   with jax.set_mesh(mesh):
@@ -207,6 +223,19 @@ def main(argv: list[str]) -> None:
     else:
       batches, cleanup = _pipeline_batches(config, mesh)
     try:
+      # The forward pass first (on the model's initial state: `state` is donated below).
+      forward_seconds = None
+      if FLAGS.forward_steps > 0:
+        features_fn = jax.jit(features).lower(
+            jax.device_put(model_state, replicated), example[0]).compile()
+        forward_state = jax.device_put(model_state, replicated)
+        jax.block_until_ready(features_fn(forward_state, example[0]))
+        start = time.time()
+        for _ in range(FLAGS.forward_steps):
+          out = features_fn(forward_state, example[0])
+        jax.block_until_ready(out)
+        forward_seconds = time.time() - start
+        del forward_state
       start = time.time()
       for step in range(FLAGS.warmup):
         state, metrics = compiled(state, *next(batches), keys[step])
@@ -252,6 +281,11 @@ def main(argv: list[str]) -> None:
   else:
     print(f"peak_tflops_per_device=n/a (no peak known for {kind!r})")
     print("fraction_of_peak=n/a")
+  if forward_seconds is not None:
+    print(f"forward_images_per_second={FLAGS.forward_steps * batch / forward_seconds:.1f} "
+          f"(eval-mode features, {FLAGS.forward_steps} timed steps after 1 untimed)")
+  else:
+    print("forward_images_per_second=n/a")
   tensorflow_imported = sys.modules.get("tensorflow") is not None
   print(f"tensorflow_imported={tensorflow_imported}")
   if FLAGS.input == "synthetic" and tensorflow_imported:

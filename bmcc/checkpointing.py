@@ -26,19 +26,27 @@ from jax.sharding import PartitionSpec as P
 
 from bmcc import steps
 from bmcc.config_validation import ConfigError
+from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB
 
 BEST_METRIC = "val_balanced_accuracy"
 # Metadata keys a resumed run must agree on with the run that wrote the checkpoint.
 _RESUME_KEYS = ("model", "model_config", "classes", "image_size", "protocol", "fold",
-                "num_folds", "ema_decay", "data_workers")
+                "num_folds", "ema_decay", "data_workers", "input_mean", "input_std")
+# Values of metadata keys that checkpoints written before the key existed implicitly had.
+_OLD_DEFAULTS = {"input_mean": list(MEAN_RGB), "input_std": list(STDDEV_RGB)}
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
-def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...]) -> dict:
-  """What a checkpoint must be read with: model, its config, the classes and the image size."""
+def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...],
+                 pretrained_weights: dict | None = None) -> dict:
+  """What a checkpoint must be read with: model, its config, the classes, the image size and the
+  input normalisation (mean/std on the 0..255 scale); and where the weights came from: the
+  `pretrained` source of the config and what was loaded from it (`pretrained_weights`, a
+  `bmcc.models.pretrained.LoadedWeights` as a dict)."""
+  mean, std = steps.input_normalization(config)
   return {
       "model": config.model,
       "model_config": config.model_config.to_dict(),
@@ -50,6 +58,10 @@ def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...]) -> d
       "ema_decay": config.get("ema_decay") or None,  # 0 and None both mean no average
       # The data iterator's saved state has one part per grain worker process.
       "data_workers": config.data.num_workers,
+      "input_mean": list(mean),
+      "input_std": list(std),
+      "pretrained": config.get("pretrained"),
+      "pretrained_weights": pretrained_weights,
   }
 
 
@@ -57,10 +69,14 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> None:
   """Raises ConfigError if the checkpoint in `workdir` was made by an incompatible config."""
   current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
   for key in _RESUME_KEYS:
-    if key in saved and saved.get(key) != current.get(key):
+    default = _OLD_DEFAULTS.get(key)
+    if key not in saved and default is None:
+      continue  # a key this checkpoint predates and that has no implicit value
+    if saved.get(key, default) != current.get(key, default):
       raise ConfigError(
-          f"The checkpoint in {workdir!r} was made with {key}={saved.get(key)!r}, but the config "
-          f"says {current.get(key)!r}. Use another --workdir, or the config that made it.")
+          f"The checkpoint in {workdir!r} was made with {key}={saved.get(key, default)!r}, but the "
+          f"config says {current.get(key, default)!r}. Use another --workdir, or the config that "
+          "made it.")
 
 
 def _modules(model, optimizer, ema_model) -> dict[str, nnx.Module]:
@@ -181,7 +197,8 @@ def restore_model(workdir: str, checkpoint: str = "best", mesh: jax.sharding.Mes
   classes), abstractly (`nnx.eval_shape`: no initialisers run), with its arrays read straight from
   the checkpoint, replicated over `mesh` (default: this process's devices; with several processes
   pass the global mesh, and every process must call this). With `ema_decay` in the metadata it
-  holds the averaged weights.
+  holds the averaged weights. Its `input_mean` / `input_std` are the metadata's (the stain
+  statistics for checkpoints written before they were recorded).
   """
   ckpt = _open_read_only(workdir)
   try:
@@ -201,7 +218,10 @@ def restore_model(workdir: str, checkpoint: str = "best", mesh: jax.sharding.Mes
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, restored[item])
-  return nnx.merge(graphdef, state), meta, step
+  model = nnx.merge(graphdef, state)
+  model.input_mean = tuple(float(x) for x in meta.get("input_mean", MEAN_RGB))
+  model.input_std = tuple(float(x) for x in meta.get("input_std", STDDEV_RGB))
+  return model, meta, step
 
 
 def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
@@ -216,7 +236,8 @@ def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
     model = steps.create_model(config, num_classes)
     # The schedule's values do not shape the optimizer state: any durations will do.
     schedule = steps.create_learning_rate_fn(config, steps.Durations(1, 0, 1, 1))
-    optimizer = nnx.Optimizer(model, steps.create_optimizer(config, schedule), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, steps.create_optimizer(config, schedule, model),
+                              wrt=nnx.Param)
     target = _pure({"model": model, "optimizer": optimizer})
     if config.get("ema_decay"):
       target["ema"] = target["model"]

@@ -13,7 +13,7 @@ import ml_collections
 
 from bmcc import models
 from bmcc.data import augment, classes, splits
-from bmcc.models import resnet
+from bmcc.models import resnet, vit
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,9 @@ _RESNET_FIXED = {"num_classes", "rngs", "block", "stage_sizes"}
 def _model_keywords(name: str) -> set[str]:
   if name == "simple_cnn":
     keywords = set(inspect.signature(models.SimpleCNN.__init__).parameters)
+    return keywords - {"self", "num_classes", "rngs"}
+  if name.startswith("vit_"):  # the size's width, depth and heads may be overridden too
+    keywords = set(inspect.signature(vit.VisionTransformer.__init__).parameters)
     return keywords - {"self", "num_classes", "rngs"}
   keywords = set(inspect.signature(resnet.ResNet.__init__).parameters) - {"self"} - _RESNET_FIXED
   if name.startswith("resnext"):
@@ -159,12 +162,22 @@ def _validate_model(config: Any) -> None:
     _check_choice(model_config, "dtype", DTYPES, path="model_config.")
   if "dropout" in model_config:
     _check_number(model_config, "dropout", 0, 1, high_open=True, path="model_config.")
+  for key in ("drop_path_rate",):
+    if key in model_config:
+      _check_number(model_config, key, 0, 1, high_open=True, path="model_config.")
+  for key in ("mlp_ratio", "layer_scale"):
+    if key in model_config:
+      _check_number(model_config, key, 0, math.inf, low_open=True, path="model_config.")
+  if "ffn" in model_config:
+    _check_choice(model_config, "ffn", ("mlp", "swiglu"), path="model_config.")
+  if "num_registers" in model_config:
+    _check_int(model_config, "num_registers", 0, path="model_config.")
   if "features" in model_config:
     value = model_config.features
     _require(isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
              and all(_is_int(v) and v > 0 for v in value), "model_config.features", value,
              "must be a non-empty tuple of positive channel counts")
-  for key in ("dense", "width"):
+  for key in ("dense", "width", "embed_dim", "depth", "num_heads", "image_size"):
     if key in model_config:
       _check_int(model_config, key, 1, path="model_config.")
   if "in_features" in model_config:
@@ -190,6 +203,7 @@ def _validate_schedule(config: Any) -> None:
   """Steps, optimizer, learning-rate schedule, regularisation, evaluation and checkpoints."""
   _check_int(config, "seed", 0)
   _check_durations(config)
+  _check_finetune(config)
   _check_int(config, "log_every_steps", 1)
   _check_int(config, "keep_checkpoints", 1)
   _check_int(config, "stop_at_step", 1, optional=True)
@@ -259,3 +273,28 @@ def _check_durations(config: Any) -> None:
   if (config.get("num_train_steps") is None and config.get("warmup_steps") is None
       and warmup is not None and total is not None and warmup > total):
     raise ConfigError(f"config.warmup_epochs={warmup} must be in 0..num_epochs ({total}).")
+
+
+def _check_finetune(config: ml_collections.ConfigDict) -> None:
+  """`pretrained`, `input_normalization` and `finetune.*` (see configs/default.py)."""
+  from bmcc import steps
+  from bmcc.models import pretrained
+
+  _check_choice(config, "input_normalization", ("auto", "imagenet", "stain"))
+  source = config.get("pretrained")
+  _require(source is None or isinstance(source, str), "pretrained", source,
+           "must be None, a weight file or a hf-hub: id")
+  if source and config.model not in pretrained.ARCHS:
+    raise ConfigError(f"config.pretrained is set, but there are no pretrained weights for "
+                      f"{config.model!r}; supported: {', '.join(pretrained.ARCHS)}.")
+  tune = config.get("finetune")
+  if tune is None:
+    return
+  _check_number(tune, "layer_decay", 0, 1, low_open=True, path="finetune.", note=" (1: off)")
+  _check_int(tune, "freeze_steps", 0, optional=True, path="finetune.")
+  _check_number(tune, "freeze_epochs", 0, math.inf, optional=True, path="finetune.")
+  _check_number(tune, "head_learning_rate", 0, math.inf, low_open=True, optional=True,
+                path="finetune.")
+  if steps.uses_finetune_optimizer(config) and not config.model.startswith(("vit_", "res")):
+    raise ConfigError(f"config.finetune (layer decay, freezing, head rate) needs a ViT or a "
+                      f"ResNet, not {config.model!r}.")

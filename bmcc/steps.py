@@ -20,8 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from bmcc import models
-from bmcc.data.normalization import normalize_images
+from bmcc import finetune, models
+from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB, normalize_images
+from bmcc.models.pretrained import IMAGENET
 
 
 def create_mesh(devices: list | None = None) -> Mesh:
@@ -39,13 +40,15 @@ class Durations:
   warmup: int
   eval_every: int
   checkpoint_every: int
+  freeze: int = 0  # steps during which a fine-tuned backbone stays frozen (`config.finetune`)
 
 
 def resolve_durations(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
   """Step counts from the config: `<name>_steps` when set, else `<name>_epochs` x steps per epoch.
 
-  Names: num_train (num_epochs), warmup, eval_every, checkpoint_every. So a run described in epochs
-  keeps its length in epochs whatever the batch size or the dataset.
+  Names: num_train (num_epochs), warmup, eval_every, checkpoint_every, and `finetune.freeze_steps`
+  (`finetune.freeze_epochs`; neither: 0). So a run described in epochs keeps its length in epochs
+  whatever the batch size or the dataset.
   """
   def steps(step_key: str, epoch_key: str, minimum: int) -> int:
     if config.get(step_key) is not None:
@@ -58,11 +61,19 @@ def resolve_durations(config: ml_collections.ConfigDict, steps_per_epoch: int) -
       total=steps("num_train_steps", "num_epochs", 1),
       warmup=steps("warmup_steps", "warmup_epochs", 0),
       eval_every=steps("eval_every_steps", "eval_every_epochs", 1),
-      checkpoint_every=steps("checkpoint_every_steps", "checkpoint_every_epochs", 1))
+      checkpoint_every=steps("checkpoint_every_steps", "checkpoint_every_epochs", 1),
+      freeze=_freeze_steps(config, steps_per_epoch))
   if durations.warmup > durations.total:
     raise ValueError(f"Warm-up ({durations.warmup} steps) is longer than training "
                      f"({durations.total} steps).")
   return durations
+
+
+def _freeze_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  tune = config.get("finetune") or {}
+  if tune.get("freeze_steps") is not None:
+    return int(tune["freeze_steps"])
+  return max(0, round((tune.get("freeze_epochs") or 0.0) * steps_per_epoch))
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict,
@@ -94,10 +105,38 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """Adam or AdamW on the schedule, after global-norm gradient clipping."""
-  if config.optimizer == "adam":
+def uses_finetune_optimizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.finetune` asks for `bmcc.finetune`'s optimizer: layer decay below 1, a frozen
+  start or a separate head rate."""
+  tune = config.get("finetune") or {}
+  return bool((tune.get("layer_decay") or 1.0) < 1.0 or tune.get("freeze_steps")
+              or tune.get("freeze_epochs") or tune.get("head_learning_rate") is not None)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                     model: nnx.Module | None = None,
+                     freeze_steps: int = 0) -> optax.GradientTransformation:
+  """Adam or AdamW on the schedule, after global-norm gradient clipping.
+
+  With `uses_finetune_optimizer(config)` the inner transformation is
+  `bmcc.finetune.create_finetune_optimizer` for `model` (a ViT or a ResNet): layer-wise decay
+  `finetune.layer_decay`, the backbone frozen for `freeze_steps` (`Durations.freeze`), the head at
+  `finetune.head_learning_rate` on the same schedule shape, weight decay as AdamW's (none for
+  'adam'). Clipping before it and the plateau multiplier after it are the same either way.
+  """
+  if uses_finetune_optimizer(config):
+    if model is None:
+      raise ValueError("config.finetune needs the model to build its optimizer.")
+    tune = config.finetune
+    head_schedule = None
+    if tune.get("head_learning_rate") is not None:
+      head_scale = tune.head_learning_rate / config.learning_rate
+      head_schedule = lambda step: learning_rate_fn(step) * head_scale  # noqa: E731
+    tx = finetune.create_finetune_optimizer(
+        model, learning_rate=learning_rate_fn, head_learning_rate=head_schedule,
+        layer_decay=tune.get("layer_decay") or 1.0, freeze_steps=freeze_steps,
+        weight_decay=config.weight_decay if config.optimizer == "adamw" else 0.0)
+  elif config.optimizer == "adam":
     tx = optax.adam(learning_rate_fn)
   elif config.optimizer == "adamw":
     tx = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
@@ -117,9 +156,34 @@ def set_lr_scale(optimizer: nnx.Optimizer, scale: float) -> None:
   variable[...] = jax.device_put(jnp.asarray(scale, current.dtype), current.sharding)
 
 
+def input_normalization(config: ml_collections.ConfigDict
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std), 0..255 scale, of the config's model inputs.
+
+  `config.input_normalization`: 'imagenet' (what pretrained weights expect), 'stain' (bmcc's fixed
+  stain statistics) or 'auto' (default): ImageNet when `config.pretrained` is set, else stain.
+  """
+  choice = config.get("input_normalization") or "auto"
+  if choice == "auto":
+    choice = "imagenet" if config.get("pretrained") else "stain"
+  if choice == "imagenet":
+    return tuple(IMAGENET.mean), tuple(IMAGENET.std)
+  if choice == "stain":
+    return tuple(MEAN_RGB), tuple(STDDEV_RGB)
+  raise ValueError(f"Unknown input_normalization {choice!r}: use auto, imagenet or stain.")
+
+
+def normalize_input(model: nnx.Module, images: jax.Array) -> jax.Array:
+  """uint8 images -> float32 model input, with the model's own `input_mean` / `input_std`
+  (the stain statistics for a model without them)."""
+  return normalize_images(images, jnp.float32, getattr(model, "input_mean", MEAN_RGB),
+                          getattr(model, "input_std", STDDEV_RGB))
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
   """The config's model, initialised from `config.seed` (compiled as one program: faster than
-  running each initialiser eagerly)."""
+  running each initialiser eagerly), carrying its input normalisation (`input_normalization`) as
+  the static attributes `input_mean` / `input_std`."""
   model_config = config.model_config.to_dict()
 
   @nnx.jit
@@ -127,7 +191,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Mod
     return models.create_model(config.model, num_classes=num_classes,
                                rngs=nnx.Rngs(params=config.seed), **model_config)
 
-  return create()
+  model = create()
+  model.input_mean, model.input_std = input_normalization(config)
+  return model
 
 
 def create_ema(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.EMA | None:
@@ -157,8 +223,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
   model.train()
 
   def loss_fn(model):
-    logits = model(normalize_images(images, jnp.float32),
-                   rngs=nnx.Rngs(dropout=dropout_key))
+    logits = model(normalize_input(model, images), rngs=nnx.Rngs(dropout=dropout_key))
     targets = jax.nn.one_hot(labels, logits.shape[-1])
     if label_smoothing:
       targets = optax.smooth_labels(targets, label_smoothing)
@@ -183,7 +248,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
 def eval_step(model: nnx.Module, images: jax.Array) -> jax.Array:
   """Softmax probabilities [N, C] of a batch of uint8 images."""
   model.eval()
-  logits = model(normalize_images(images, jnp.float32))
+  logits = model(normalize_input(model, images))
   return jax.nn.softmax(logits, axis=-1)
 
 
@@ -196,7 +261,7 @@ def dihedral_average(model: nnx.Module, images: jax.Array) -> jax.Array:
   The probabilities, not the logits, are averaged. Works on sharded batches like `eval_step`.
   """
   model.eval()
-  x = normalize_images(images, jnp.float32)
+  x = normalize_input(model, images)
   total = jnp.zeros((), jnp.float32)
   for k in range(4):
     rotated = jnp.rot90(x, k, axes=(1, 2))

@@ -19,18 +19,25 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bmcc import checkpointing, config_validation, evaluate, metrics, preemption, steps
+from bmcc import checkpointing, config_validation, evaluate, metrics, preemption, steps, transfer
 from bmcc import plateau as plateau_lib
 from bmcc.atomic import atomic_write
 from bmcc.data import input_pipeline, loading
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh, num_classes: int,
-                       learning_rate_fn) -> tuple[nnx.Module, nnx.Optimizer, nnx.EMA | None]:
-  """The model, its optimizer and the optional weight average, replicated over `mesh`."""
+                       learning_rate_fn, *, freeze_steps: int = 0, load_pretrained: bool = True
+                       ) -> tuple[nnx.Module, nnx.Optimizer, nnx.EMA | None]:
+  """The model, its optimizer and the optional weight average, replicated over `mesh`.
+
+  With `load_pretrained` (a run from scratch) the model starts from `config.pretrained`, and
+  `model.pretrained` says what was loaded (`transfer.load_pretrained`).
+  """
   model = steps.create_model(config, num_classes)
-  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, learning_rate_fn),
-                            wrt=nnx.Param)
+  if load_pretrained:
+    transfer.load_pretrained(config, model)
+  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, learning_rate_fn, model,
+                                                          freeze_steps), wrt=nnx.Param)
   state = jax.device_put(nnx.state((model, optimizer)), NamedSharding(mesh, P()))
   nnx.update((model, optimizer), state)
   return model, optimizer, steps.create_ema(config, model)
@@ -77,22 +84,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                "steps per epoch, %s.", mesh.size, jax.devices()[0].platform, jax.process_count(),
                data.num_examples, mapping.num_classes, data.steps_per_epoch, durations)
   learning_rate_fn = steps.create_learning_rate_fn(config, durations)
-  model, optimizer, ema = create_train_state(config, mesh, mapping.num_classes, learning_rate_fn)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  model, optimizer, ema = create_train_state(config, mesh, mapping.num_classes, learning_rate_fn,
+                                             freeze_steps=durations.freeze,
+                                             load_pretrained=latest is None)
   # What is evaluated, kept as best and tested: the averaged weights when there are any.
   eval_model = model if ema is None else ema.apply_to(model)
   ema_model = None if ema is None else eval_model
   modules = dict(model=model, optimizer=optimizer, ema_model=ema_model)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=config.keep_checkpoints)
-  metadata = checkpointing.run_metadata(config, mapping.codes)
+  metadata = checkpointing.run_metadata(config, mapping.codes, transfer.loaded(model))
   tracker = plateau_lib.Plateau(
       patience=config.plateau_patience, factor=config.plateau_factor,
       stop_patience=config.early_stopping_patience, min_delta=config.min_delta)
   plateau_state, start_step, progress = plateau_lib.PlateauState(), 0, {}
-  latest = ckpt.latest_step()
   if latest is not None:
-    checkpointing.check_compatible(ckpt.metadata(latest), metadata, workdir)
+    saved_metadata = ckpt.metadata(latest)
+    checkpointing.check_compatible(saved_metadata, metadata, workdir)
+    metadata["pretrained_weights"] = saved_metadata.get("pretrained_weights")  # the run's start
     ckpt.restore(latest, **modules, data_iterator=data.iterator)
     start_step, progress = latest, ckpt.progress(latest)
     if progress.get("plateau"):

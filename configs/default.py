@@ -62,6 +62,22 @@ def get_config() -> ml_collections.ConfigDict:
       "zero_init_residual": True,  # each residual block starts as the identity
   })
 
+  # Pretrained backbone weights (README, "Pretrained backbones"): a local .pth/.safetensors file
+  # or `hf-hub:owner/repo[/file]` (fetched only then; pip install 'bmcc[hub]'), loaded into the
+  # model (all but its head) when a run starts from scratch, never on resume; None: from scratch.
+  # Also what --mode=features embeds with.
+  config.pretrained = placeholder(str)
+  # Input normalisation: 'auto' (ImageNet statistics with `pretrained`, else the stain ones),
+  # 'imagenet' or 'stain'; it is stored with the checkpoints, which evaluate/predict follow.
+  config.input_normalization = "auto"
+  # Fine-tuning a pretrained ViT or ResNet (bmcc.finetune); any of these switches to its optimizer.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.freeze_epochs = 0.0  # epochs during which only the head learns (backbone frozen)
+  config.finetune.freeze_steps = placeholder(int)  # the same in steps; wins when set
+  config.finetune.layer_decay = 1.0  # layer l of L learns at lr * layer_decay^(L - l); 1.0: off
+  # Peak learning rate of the head, on the same warm-up and decay; None: learning_rate.
+  config.finetune.head_learning_rate = placeholder(float)
+
   config.batch_size = 256  # global batch, split over all devices; a multiple of the device count
   config.eval_batch_size = 512  # global evaluation batch; a multiple of the device count
   # Durations: in epochs of the run's training examples, or in steps; a `*_steps` value, when

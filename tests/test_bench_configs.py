@@ -31,7 +31,8 @@ def _config(name: str):
 
 
 def test_the_new_configs_are_found():
-  assert {"default", "demo", "tiny", "simple_cnn", "resnet50", "resnext50"} <= set(CONFIG_NAMES)
+  assert {"default", "demo", "tiny", "simple_cnn", "resnet50", "resnext50", "dinobloom_s_probe",
+          "dinobloom_b_finetune", "resnet50_imagenet"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -100,6 +101,31 @@ def test_default_is_the_argued_recipe_and_the_variants_differ_from_it_as_documen
     assert small.data.synthetic is not None
 
 
+def test_pretrained_recipes_are_as_documented():
+  from bmcc import steps
+
+  probe, tune, resnet = (_config(n) for n in
+                         ("dinobloom_s_probe", "dinobloom_b_finetune", "resnet50_imagenet"))
+  for config in (probe, tune, resnet):
+    assert config.pretrained.startswith("hf-hub:") and config.image_size == 224
+    assert steps.input_normalization(config)[0] == (123.675, 116.28, 103.53)  # ImageNet
+  assert probe.model == "vit_small_patch14" and "dinobloom" in probe.pretrained
+  assert probe.finetune.freeze_epochs == probe.num_epochs  # --mode=train: the head alone
+  assert tune.model == "vit_base_patch14" and tune.model_config.dtype == "bfloat16"
+  assert tune.model_config.drop_path_rate == 0.1 and tune.finetune.layer_decay == 0.75
+  assert tune.finetune.head_learning_rate == 10 * tune.learning_rate
+  assert tune.finetune.freeze_epochs == 1.0 and tune.num_epochs == 10.0
+  assert tune.optimizer == "adamw" and tune.lr_schedule == "cosine"
+  assert tune.data.balance_alpha == 0.5
+  # resnet50_imagenet.py: resnet50.py from ImageNet weights, with the documented changes.
+  changed = {"pretrained", "learning_rate", "num_epochs"}
+  assert resnet.finetune.to_dict() == {"freeze_epochs": 1.0, "freeze_steps": None,
+                                       "layer_decay": 0.8,
+                                       "head_learning_rate": 10 * resnet.learning_rate}
+  plain = _config("resnet50").to_dict()
+  assert {k for k, v in resnet.to_dict().items() if plain[k] != v} == changed | {"finetune"}
+
+
 def test_train_step_benchmark_runs_without_tensorflow():
   # Skipping LLVM's optimisations makes the CPU compilations several times faster; the cost
   # analysis is of the HLO, so the FLOPs are unchanged.
@@ -115,5 +141,7 @@ def test_train_step_benchmark_runs_without_tensorflow():
   assert float(lines[-1].split("=")[1]) > 0
   assert "tensorflow_imported=False" in lines
   assert any(line.startswith("device=cpu x4 ") for line in lines), lines[:3]
+  forward = [line for line in lines if line.startswith("forward_images_per_second=")]
+  assert forward and float(forward[0].split("=")[1].split()[0]) > 0  # the features pass alone
   flops = [line for line in lines if line.startswith("train_flops_per_image=")]
   assert flops and float(flops[0].split("=")[1].split()[0]) > 0

@@ -6,6 +6,10 @@ scale shrinks (the tiny synthetic dataset, 32 px, batch 4 over the four fake CPU
 no worker processes), so a key the training loop or the model does not handle, or a recipe that
 breaks in validation, checkpointing or the final test, fails here rather than an hour into a GPU
 run. (Exact resume, with the weight average on, is tested in tests/test_end_to_end.py.)
+
+A config with `pretrained` weights gets the tiny fixture file of its architecture instead
+(tests/fixtures/pretrained: never a hub id, no network) and that fixture's small width and depth,
+so loading, freezing and layer decay run as configured.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import importlib
 import json
 import math
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,8 +27,15 @@ from flax import nnx
 
 from bmcc import checkpointing, steps, train
 from bmcc.data import classes
+from bmcc.models import pretrained
 from configs import tiny
 from tests.helpers import CONFIG_NAMES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
+# The fixture standing in for each architecture's pretrained weights.
+PRETRAINED_FIXTURES = {"vit_small_patch14": "vit_plain", "vit_base_patch14": "vit_registers",
+                       "resnet50": "resnet", "resnext50_32x4d": "resnext"}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +57,12 @@ def _shrunk(name: str, cache_dir: str):
   config.warmup_steps = 1
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     config[key] = 2
+  if config.get("pretrained"):
+    name = PRETRAINED_FIXTURES[config.model]
+    config.pretrained = str(FIXTURES / MANIFEST[name]["files"][0])
+    config.model_config.update(MANIFEST[name]["model_config"])
+    if name == "vit_registers":
+      config.model_config.num_registers = 4
   return config
 
 
@@ -62,6 +80,9 @@ def test_config_trains_a_few_steps(name, cache_dir, tmp_path):
   assert step == 2
   assert meta["model"] == config.model and meta["ema_decay"] == (config.ema_decay or None)
   assert meta["classes"] == list(classes.CODES) and meta["image_size"] == 32
+  if config.pretrained:  # loaded, and normalised as the weights expect
+    assert meta["pretrained_weights"]["tensors"] > 0
+    assert model.input_mean == pretrained.IMAGENET.mean
   restored = nnx.state(model, nnx.Param)
   expected = nnx.state(nnx.eval_shape(lambda: steps.create_model(config, 21)), nnx.Param)
   assert jax.tree.map(np.shape, restored) == jax.tree.map(np.shape, expected)

@@ -106,6 +106,9 @@ def test_eval_covers_every_example_once_with_padding(source):
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(labels, [i % 21 for i in range(50)])
   assert not batches[-1]["image"][2:].any()  # padding is zeros
+  names = np.concatenate([b["file_name"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(names, [f"F{i:05d}" for i in range(50)])  # decoded, in order
+  assert (batches[-1]["file_name"][2:] == "").all()
 
 
 def test_class_subset_filters_and_renumbers(source):

@@ -37,7 +37,7 @@ class TrainData:
 class EvalData:
   """One pass over an evaluation split: padded numpy batches of this process, and their count."""
 
-  batches: Iterator[dict]  # {image, label, mask}: this process's part of each global batch
+  batches: Iterator[dict]  # {image, label, file_name, mask}: this process's part of each batch
   mapping: pipeline.ClassMapping
   num_examples: int  # examples of the split, all processes together
 

@@ -11,8 +11,12 @@ MEAN_RGB = (200.0, 180.0, 200.0)
 STDDEV_RGB = (50.0, 55.0, 45.0)
 
 
-def normalize_images(images, dtype=np.float32):
-  """uint8 images -> (x - mean) / std in `dtype`; works on numpy and jax arrays alike."""
-  mean = np.asarray(MEAN_RGB, np.float32)
-  std = np.asarray(STDDEV_RGB, np.float32)
+def normalize_images(images, dtype=np.float32, mean=MEAN_RGB, std=STDDEV_RGB):
+  """uint8 images -> (x - mean) / std in `dtype`; works on numpy and jax arrays alike.
+
+  `mean` and `std` (0..255 scale) default to the stain statistics above; a model carries its own
+  as `input_mean` / `input_std` (`bmcc.steps.normalize_input`).
+  """
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
   return ((images.astype(np.float32) - mean) / std).astype(dtype)

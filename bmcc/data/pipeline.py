@@ -8,8 +8,9 @@ seed gives the same batches for any `num_workers`, and the iterator state (saved
 checkpoint) resumes on exactly the next batch. `device_iterator` puts batches on the devices ahead
 of the step, keeping that state exact.
 
-Evaluation (`eval_batches`): every selected record once, in order, in fixed-size batches; the last
-is padded and carries a `mask` that is False on the padding. Images are resized by the one decoder
+Evaluation (`eval_batches`): every selected record once, in order, in fixed-size batches of
+{image, label, file_name, mask}; the last is padded (file name '') and its `mask` is False on the
+padding. Images are resized by the one decoder
 (`bmcc.data.decode`), never augmented. Images stay uint8 until the device normalises them.
 
 `bmcc.data.input_pipeline` builds these from a config and the prepared dataset.
@@ -86,15 +87,21 @@ def select_records(source, mapping: ClassMapping, keep=None,
 
 
 class _Record:
-  """Record index -> {'image': bytes, 'label': run label}; picklable for grain's workers."""
+  """Record index -> {'image': bytes, 'label': run label[, 'file_name': str]}; picklable for
+  grain's workers."""
 
-  def __init__(self, source, mapping: ClassMapping):
+  def __init__(self, source, mapping: ClassMapping, file_names: bool = False):
     self._source = source
     self._table = mapping.lookup_table()
+    self._file_names = file_names
 
   def __call__(self, index: int) -> dict:
     record = self._source[int(index)]
-    return {"image": record["image"], "label": int(self._table[int(record["label"])])}
+    element = {"image": record["image"], "label": int(self._table[int(record["label"])])}
+    if self._file_names:
+      name = record.get("file_name", b"")
+      element["file_name"] = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+    return element
 
 
 class _TrainTransform:
@@ -118,7 +125,7 @@ class _EvalTransform:
 
   def __call__(self, element: dict) -> dict:
     return {"image": decode_image(element["image"], self.image_size),
-            "label": np.int32(element["label"])}
+            "label": np.int32(element["label"]), "file_name": element["file_name"]}
 
 
 def _records(source, mapping: ClassMapping, records: tuple[np.ndarray, np.ndarray] | None
@@ -198,13 +205,13 @@ def eval_batches(source, *, mapping: ClassMapping, image_size: int, batch_size: 
     indices = np.arange(len(source)) if selected is None else selected[0]
   ds = grain.MapDataset.source(np.asarray(indices, np.int64))[process_index::process_count]
   num_batches = math.ceil(math.ceil(len(indices) / process_count) / batch_size)
-  ds = ds.map(_Record(source, mapping)).map(_EvalTransform(image_size))
+  ds = ds.map(_Record(source, mapping, file_names=True)).map(_EvalTransform(image_size))
   produced = 0
   for batch in ds.to_iter_dataset().batch(batch_size, drop_remainder=False):
     yield pad_batch(batch, batch_size)
     produced += 1
   empty = {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
-           "label": np.zeros((0,), np.int32)}
+           "label": np.zeros((0,), np.int32), "file_name": np.zeros((0,), str)}
   for _ in range(produced, num_batches):
     yield pad_batch(empty, batch_size)
 
