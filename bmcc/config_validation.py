@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 # The keyword arguments `config.model_config` may set, per model: the constructor's own, less
 # those the registry fixes for that model.
-_RESNET_FIXED = {"num_classes", "rngs", "block", "stage_sizes"}
+_RESNET_FIXED = {"num_classes", "rngs", "block"}
 
 
 def _model_keywords(name: str) -> set[str]:
@@ -180,6 +180,11 @@ def _validate_model(config: Any) -> None:
   for key in ("dense", "width", "embed_dim", "depth", "num_heads", "image_size"):
     if key in model_config:
       _check_int(model_config, key, 1, path="model_config.")
+  if "stage_sizes" in model_config:
+    value = model_config.stage_sizes
+    _require(isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+             and all(_is_int(v) and v > 0 for v in value), "model_config.stage_sizes", value,
+             "must be a non-empty tuple of positive block counts")
   if "in_features" in model_config:
     _require(model_config.in_features == 3, "model_config.in_features",
              model_config.in_features, "must be 3 (the images are RGB)")

@@ -14,8 +14,9 @@ token (384 dimensions; ImageNet normalisation, as the weights expect) into
 `features_<split>.npz`, then fits DinoBloom's probes on the train split: logistic regression
 (`eval_<split>.json`) and a k = 20 weighted kNN (`eval_<split>_knn.json`), for validation and
 test. This is how DinoBloom reports its backbones (Koch et al., MICCAI 2024: DinoBloom-G's linear
-probe on this dataset, weighted F1 84.9 / balanced accuracy 69.3, on their own split): a
-baseline for what the fine-tuned models must beat, at the cost of one forward pass per image.
+probe on this dataset, weighted F1 84.9 / balanced accuracy 69.3), and on the same test images:
+`data.split = "dinobloom"` (README, "Protocols"). A baseline for what the fine-tuned models must
+beat, at the cost of one forward pass per image.
 
 `--mode=train` with this config trains only a linear head on the frozen backbone (the backbone
 stays frozen for all of `num_epochs`), with augmentation and balanced sampling: the probe by
@@ -36,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "vit_small_patch14"
   config.pretrained = "hf-hub:1aurent/vit_small_patch14_224.dinobloom"
   config.image_size = 224  # DinoBloom was trained at 224 px (a 16 x 16 patch grid)
+  # DinoBloom's own test images, so the probe's numbers sit beside the published ones.
+  config.data.split = "dinobloom"
   # float32 features (computed once: fidelity over speed); ViT keys only, default's are a ResNet's.
   config.model_config = ml_collections.ConfigDict({"dtype": "float32", "dropout": 0.0})
   config.eval_batch_size = 512

@@ -84,6 +84,8 @@ def test_a_run_compiles_the_train_step_once_and_the_eval_step_once(tmp_path, cac
 
   config = _tiny_config(cache_dir)
   config.num_train_steps, config.eval_every_steps = 6, 2  # 3 validations, then the test
+  # Shapes no other test compiles, so that this process compiles them here, once each.
+  config.image_size, config.batch_size, config.eval_batch_size = 36, 12, 20
   compiled = []
 
   class Record(logging.Handler):

@@ -157,9 +157,9 @@ def test_diverging_run_exits_4_naming_the_step_and_keeps_only_finite_checkpoints
     tmp_path, cache_dir):
   """A learning rate of 1e30 without gradient clipping: real divergence, through main.py.
 
-  Warm-up gives step 1 a learning rate of 0 and step 2 one of 2.5e29, which leaves the parameters
-  huge but finite; their loss at step 3 is not. With a checkpoint after every step, every step
-  before the first non-finite one is saved and none from it on, and what is kept is finite. The
+  Warm-up gives step 1 a learning rate of 0 and step 2 one of 2.5e29: the updated weights' norm
+  is not finite. With a checkpoint after every step, every step before the first non-finite one is
+  saved and none from it on, and what is kept is finite. The
   run's stderr is also the bound on a short training run's log (tests/test_log_setup.py).
   """
   workdir = str(tmp_path / "nan")
@@ -179,8 +179,10 @@ def test_diverging_run_exits_4_naming_the_step_and_keeps_only_finite_checkpoints
   step, state = helpers.final_state(workdir, config)
   assert step == bad_step - 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
-  # The parameters did move (the learning rate was not 0 throughout): a real divergence.
-  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(state["model"])) > 1e20
+  # Step 1 has a learning rate of 0; step 2's update (2.5e29) makes the weights' norm overflow, so
+  # step 2 is refused at once: the weights a checkpoint holds never blew up.
+  assert bad_step == 2
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(state["model"])) < 100
   # Quiet logs: the start line, the hyper-parameters, a metric line or two and the error, not
   # orbax's dozens of lines per checkpoint.
   assert len(result.stderr.splitlines()) <= 12, result.stderr[-3000:]
