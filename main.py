@@ -16,7 +16,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "prepare"],
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "explain", "prepare"],
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
                   "and folders given as arguments, or prepare the dataset.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
@@ -26,6 +26,15 @@ flags.DEFINE_bool("tta", False,
                   "--mode=predict/evaluate: average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("top_k", 3, "--mode=predict: how many classes each prediction lists.")
 flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predictions to this CSV.")
+flags.DEFINE_string("method", "integrated_gradients,gradcam,occlusion",
+                    "--mode=explain: comma-separated methods, each name[:key=value...] "
+                    "(integrated_gradients, smoothgrad, gradcam, occlusion; see bmcc.explain).")
+flags.DEFINE_string("target", None,
+                    "--mode=explain: explain this class code instead of the predicted class.")
+flags.DEFINE_string("output_dir", None,
+                    "--mode=explain: output folder (default <workdir>/explain/<date-time>).")
+flags.DEFINE_integer("num_examples", 24, "--mode=explain without image arguments: explain this "
+                     "many examples of --split (commonest confusions, then each class).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -87,6 +96,14 @@ def main(argv: list[str]) -> int:
           FLAGS.workdir, argv[1:], checkpoint=FLAGS.checkpoint,
           batch_size=config.eval_batch_size, top_k=FLAGS.top_k, tta=FLAGS.tta,
           output_csv=FLAGS.output_csv)
+    elif FLAGS.mode == "explain":
+      from bmcc.explain import driver
+      options = dict(methods=FLAGS.method, target=FLAGS.target, out_dir=FLAGS.output_dir,
+                     checkpoint=FLAGS.checkpoint)
+      if len(argv) > 1:
+        return driver.explain_paths(FLAGS.workdir, argv[1:], **options)
+      return driver.explain_split(config, FLAGS.workdir, split=FLAGS.split,
+                                  num_examples=FLAGS.num_examples, **options)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
