@@ -184,7 +184,7 @@ class Explainer:
 
   def title(self, what: str) -> str:
     return (f"{what}: {self.meta['model']} at {self.image_size} px, step {self.step}; "
-            f"{', '.join(m.describe() for m in self.methods)}")
+            f"{'; '.join(m.describe() for m in self.methods)}")
 
 
 def _safe_stem(path: str) -> str:
@@ -347,7 +347,7 @@ def explain_split(config: ml_collections.ConfigDict, workdir: str, *, split: str
   labels, probs, mask, _ = evaluate.predict_batches(explainer.model, batches(), explainer.mesh)
   real = np.flatnonzero(mask)
   chosen = choose_examples(labels[real], probs[real].argmax(-1), num_examples, explainer.codes)
-  wanted = {int(real[i]): why for i, why in chosen}
+  wanted = {int(real[i]): (rank, why) for rank, (i, why) in enumerate(chosen, start=1)}
   examples: dict[int, Example] = {}
   position = 0
   for batch in batches():
@@ -358,9 +358,10 @@ def explain_split(config: ml_collections.ConfigDict, workdir: str, *, split: str
         image = batch["image"][row]
         display = np.asarray(Image.fromarray(image).resize(
             (explainer.display_size,) * 2, Image.Resampling.BILINEAR))
-        examples[index] = Example(name=f"{len(examples) + 1:04d}_{split}_{index}_{code}",
+        rank, why = wanted[index]
+        examples[index] = Example(name=f"{rank:04d}_{split}_{index}_{code}",
                                   path=f"{split}[{index}]", image=image, display=display,
-                                  true_code=code, note=wanted[index])
+                                  true_code=code, note=why)
     position += len(batch["label"])
   ordered = [examples[int(real[i])] for i, _ in chosen]
   explainer.run(ordered, stdout, stderr)

@@ -11,6 +11,7 @@ transparent). The raw, signed maps are in the `.npy` files.
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -76,19 +77,23 @@ def panel(image: np.ndarray, maps: list[tuple[str, np.ndarray]], *, true_code: s
 
 
 def contact_sheet(panels: list[Image.Image], title: str, *, omitted: int = 0) -> Image.Image:
-  """The panels stacked under a title line (and a note of how many were left out)."""
+  """The panels stacked under the title (wrapped to the width), and a note of any left out."""
   width = max(p.width for p in panels)
   font_size = max(10, panels[0].height // 14)
-  header = font_size + 8
-  footer = header if omitted else 0
+  font = _font(font_size)
+  lines = textwrap.wrap(title, max(20, int(width / (0.55 * font_size))))
+  line = font_size + 4
+  header = len(lines) * line + 6
+  footer = line + 6 if omitted else 0
   sheet = Image.new("RGB", (width, header + sum(p.height for p in panels) + footer), "white")
   draw = ImageDraw.Draw(sheet)
-  draw.text((4, 3), title, fill=(0, 0, 0), font=_font(font_size))
+  for i, text in enumerate(lines):
+    draw.text((4, 3 + i * line), text, fill=(0, 0, 0), font=font)
   y = header
   for p in panels:
     sheet.paste(p, (0, y))
     y += p.height
   if omitted:
     draw.text((4, y + 3), f"... and {omitted} more (see the per-image PNGs)", fill=(0, 0, 0),
-              font=_font(font_size))
+              font=font)
   return sheet
