@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(REPO, "configs")
-MODES = ("train", "evaluate", "predict", "prepare", "cross_validate", "features")
+MODES = ("train", "evaluate", "predict", "explain", "prepare", "cross_validate", "features")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -42,7 +42,8 @@ flags.DEFINE_enum("mode", "train", list(MODES),
                   "and folders given as arguments, prepare the dataset, cross_validate (every "
                   "fold into <workdir>/fold_<i>, then cv_summary.json), or features (embed every "
                   "split with the pretrained backbone, then linear and kNN probes).")
-flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split for --mode=evaluate.")
+flags.DEFINE_enum("split", "test", ["train", "validation", "test"],
+                  "Split for --mode=evaluate, and for --mode=explain without image arguments.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "Checkpoint for --mode=evaluate and --mode=predict.")
 flags.DEFINE_bool("tta", False,
@@ -52,6 +53,15 @@ flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predicti
 flags.DEFINE_list("folds", None, "--mode=cross_validate: the folds to run, e.g. 0,3 or "
                   "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5); empty: only "
                   "the summary.")
+flags.DEFINE_string("method", "integrated_gradients,gradcam,occlusion",
+                    "--mode=explain: comma-separated methods, each name[:key=value...] "
+                    "(integrated_gradients, smoothgrad, gradcam, occlusion; see bmcc.explain).")
+flags.DEFINE_string("target", None,
+                    "--mode=explain: explain this class code instead of the predicted class.")
+flags.DEFINE_string("output_dir", None,
+                    "--mode=explain: output folder (default <workdir>/explain/<date-time>).")
+flags.DEFINE_integer("num_examples", 24, "--mode=explain without image arguments: explain this "
+                     "many examples of --split (commonest confusions, then each class).")
 
 _HELP_ARGS = {"--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull",
               "-helpfull"}
@@ -208,9 +218,9 @@ def _check_usage(mode: str, paths: list[str]) -> None:
   if mode == "predict" and not paths:
     fail("--mode=predict needs image files or folders as arguments, e.g. "
          "python main.py --mode=predict --workdir runs/demo cells/ cell.jpg")
-  if mode != "predict" and paths:
-    fail(f"--mode={mode} takes no arguments, got {' '.join(paths)!r} (only --mode=predict takes "
-         "image files and folders; flags are written --name=value).")
+  if mode not in ("predict", "explain") and paths:
+    fail(f"--mode={mode} takes no arguments, got {' '.join(paths)!r} (only --mode=predict and "
+         "--mode=explain take image files and folders; flags are written --name=value).")
   if mode != "prepare" and FLAGS.workdir is None:
     what = "write the run into" if mode == "train" else "read the training run from"
     fail(f"--mode={mode} needs --workdir (the folder to {what}).")
@@ -285,6 +295,14 @@ def main(argv: list[str]) -> int:
     elif mode == "features":
       from bmcc import features
       features.features_and_probes(config, FLAGS.workdir)
+    elif mode == "explain":
+      from bmcc.explain import driver
+      options = dict(methods=FLAGS.method, target=FLAGS.target, out_dir=FLAGS.output_dir,
+                     checkpoint=FLAGS.checkpoint)
+      if paths:
+        return driver.explain_paths(FLAGS.workdir, paths, **options)
+      return driver.explain_split(config, FLAGS.workdir, split=FLAGS.split,
+                                  num_examples=FLAGS.num_examples, **options)
   except (config_validation.ConfigError, discovery.DatasetNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

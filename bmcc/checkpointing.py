@@ -147,9 +147,12 @@ class Checkpointer:
       nnx.update(module, state)
 
   def restore_partial(self, step: int, target: dict) -> dict:
-    """The items of the saved state named by `target` (a pytree of ShapeDtypeStructs)."""
+    """The items of the saved state named by `target` (a pytree of ShapeDtypeStructs), placed
+    with the target's shardings (not the saved ones: the device count may differ)."""
     return self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))["state"]
 
   def progress(self, step: int) -> dict:
     """The `progress` saved at `step` ({} for a checkpoint without one)."""

@@ -86,6 +86,23 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[str]:
   return found
 
 
+def find_images(paths: Sequence[str | os.PathLike], stderr: TextIO) -> tuple[list[str], int]:
+  """(`collect_images(paths)`, failures): an error line on `stderr` for each folder without
+  images, and one more if nothing at all was found (the caller then exits 1)."""
+  files, failures = [], 0
+  for path in paths:
+    found = collect_images([path])
+    if not found:
+      failures += 1
+      print(f"error: {os.fspath(path)}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this "
+            "folder", file=stderr, flush=True)
+    files.extend(found)
+  if not files:
+    print("error: no image files found in the given paths" if paths else
+          "error: no image files or folders given", file=stderr, flush=True)
+  return files, failures
+
+
 def geometry_warning(width: int, height: int) -> str | None:
   """Why an image of this size is far from the training images, or None if it is not."""
   low, high = NATIVE_SIZE * MIN_SCALE, NATIVE_SIZE * MAX_SCALE
@@ -260,17 +277,8 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
   if batch_size < 1:
     raise config_validation.ConfigError(f"batch_size={batch_size} must be at least 1.")
 
-  files, failures = [], 0
-  for path in paths:
-    found = collect_images([path])
-    if not found:
-      failures += 1
-      print(f"error: {os.fspath(path)}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this "
-            "folder", file=stderr, flush=True)
-    files.extend(found)
+  files, failures = find_images(paths, stderr)
   if not files:
-    print("error: no image files found in the given paths" if paths else
-          "error: no image files or folders given", file=stderr, flush=True)
     return 1
 
   model, meta, step = checkpointing.restore_model(workdir, checkpoint)

@@ -183,6 +183,20 @@ class ResNet(nnx.Module):
     x = self.dropout(self.features(x), rngs=rngs)
     return self.head(x).astype(jnp.float32)
 
+  # For Grad-CAM (bmcc.explain): the forward pass split after the last stage; together they
+  # equal __call__.
+  def feature_map(self, x: jax.Array) -> jax.Array:
+    """The last stage's output [N, h, w, num_features] (before global average pooling)."""
+    x = self.stem(x.astype(self.compute_dtype))
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+  def logits_from_feature_map(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Float32 logits from `feature_map`'s output: pooling, dropout and head."""
+    x = self.dropout(x.mean(axis=(1, 2)), rngs=rngs)
+    return self.head(x).astype(jnp.float32)
+
 
 def _build(num_classes: int, rngs: nnx.Rngs, defaults: dict[str, Any], kwargs: dict[str, Any]
            ) -> ResNet:

@@ -54,3 +54,17 @@ class SimpleCNN(nnx.Module):
     x = nnx.relu(self.dense(x))
     x = self.dropout(x, rngs=rngs)
     return self.head(x).astype(jnp.float32)
+
+  # For Grad-CAM (bmcc.explain): the forward pass split at the last conv block; together they
+  # equal __call__.
+  def feature_map(self, x: jax.Array) -> jax.Array:
+    """The last conv block's output [N, h, w, features[-1]] (before global average pooling)."""
+    x = x.astype(self.compute_dtype)
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+  def logits_from_feature_map(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Float32 logits from `feature_map`'s output: pooling, dense, dropout and head."""
+    x = nnx.relu(self.dense(x.mean(axis=(1, 2))))
+    return self.head(self.dropout(x, rngs=rngs)).astype(jnp.float32)

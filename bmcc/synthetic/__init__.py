@@ -6,7 +6,13 @@ written in the exact Kaggle or TCIA layout, as folders or a zip (`layout`). Comm
 `python -m bmcc.synthetic OUT --scale 0.01 --layout kaggle --zip --corrupt`.
 """
 
-from bmcc.synthetic.cells import IMAGE_SIZE, encode_jpeg, image_bytes, render_image
+from bmcc.synthetic.cells import (
+  IMAGE_SIZE,
+  encode_jpeg,
+  image_bytes,
+  render_image,
+  render_with_nucleus_mask,
+)
 from bmcc.synthetic.layout import (
   ABBREVIATIONS_FILE,
   DEFAULT_MINIMUM,
@@ -27,5 +33,6 @@ __all__ = [
     "ABBREVIATIONS_FILE", "DEFAULT_MINIMUM", "DEFAULT_SCALE", "IMAGE_SIZE", "LAYOUT_FOLDERS",
     "TEXT_NOT_JPEG", "ZIP_NAMES", "SyntheticDataset", "abbreviations_csv", "default_counts",
     "encode_jpeg", "image_bytes", "range_name", "relative_path", "render_image",
+    "render_with_nucleus_mask",
     "write_demo_dataset", "write_synthetic_dataset",
 ]

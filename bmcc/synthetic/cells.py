@@ -408,8 +408,13 @@ def _background(d: _Draws, size: int,
   return img, row, col
 
 
-def _cell(img: np.ndarray, d: _Draws, rec: _Recipe, s: float) -> None:
-  """Draws one cell of recipe `rec` near the centre of the (3, H, W) `img`."""
+def _cell(img: np.ndarray, d: _Draws, rec: _Recipe, s: float,
+          nucleus: np.ndarray | None = None) -> None:
+  """Draws one cell of recipe `rec` near the centre of the (3, H, W) `img`.
+
+  If given, the (H, W) float32 `nucleus` receives the nucleus coverage (no extra random draws:
+  the image is the same with or without it).
+  """
   size = img.shape[1]
   radius = rec.radius * s * d.uniform(0.9, 1.1)
   cx, cy = size / 2 + d.uniform(-10, 10) * s, size / 2 + d.uniform(-10, 10) * s
@@ -475,6 +480,8 @@ def _cell(img: np.ndarray, d: _Draws, rec: _Recipe, s: float) -> None:
     box = f.box(nu, nv, rn * 1.3 + 3) or (slice(0, 1), slice(0, 1))
   nmask = _nucleus_mask(u[box], v[box], d, rec, nu, nv, rn, radius)
   nh, nw = nmask.shape
+  if nucleus is not None:
+    nucleus[y0:y1, x0:x1][box] = nmask
   nuc = d.jitter(rec.nuc, 10)
   chrom = np.clip(_texture(d, nh, nw, 62 * s / rec.chromatin_grain), -2.5, 2.5)
   chrom *= rec.chromatin
@@ -670,7 +677,8 @@ def _image_rng(seed: int, code: str, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([seed, CODES.index(code), index]))
 
 
-def _render(code: str, index: int, seed: int, image_size: int) -> Image.Image:
+def _render(code: str, index: int, seed: int, image_size: int,
+            nucleus: np.ndarray | None = None) -> Image.Image:
   if code not in _RECIPES:
     raise ValueError(f"Unknown class code {code!r}. Valid codes are: {', '.join(CODES)}.")
   if index < 1:
@@ -684,7 +692,7 @@ def _render(code: str, index: int, seed: int, image_size: int) -> Image.Image:
   elif rec.kind == "smudge":
     _smudge(img, d, rec, s)
   else:
-    _cell(img, d, rec, s)
+    _cell(img, d, rec, s, nucleus)
   # Illumination gradient, mottling and grain over everything, then 8-bit RGB.
   tile = _noise_tile()
   oy, ox = d.integers(0, tile.shape[0] - image_size), d.integers(0, tile.shape[1] - image_size)
@@ -712,6 +720,20 @@ def render_image(code: str, index: int, *, seed: int = 0,
     An (image_size, image_size, 3) uint8 RGB array, a pure function of (seed, code, index, size).
   """
   return np.asarray(_render(code, index, seed, image_size))
+
+
+def render_with_nucleus_mask(code: str, index: int, *, seed: int = 0,
+                             image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+  """(image, nucleus mask) of synthetic image number `index` of class `code`.
+
+  The image is `render_image`'s, bit for bit; the mask is a bool (image_size, image_size) array,
+  True where the drawn nucleus covers at least half a pixel (all of them for the multinucleate
+  'OTH' recipe; before the smearing blur of 'NIF'). Artefacts ('ART') and smudge cells ('KSC')
+  are drawn without a nucleus recipe: their mask is all False.
+  """
+  coverage = np.zeros((image_size, image_size), np.float32)
+  image = np.asarray(_render(code, index, seed, image_size, coverage))
+  return image, coverage >= 0.5
 
 
 def encode_jpeg(image: np.ndarray | Image.Image, quality: int = JPEG_QUALITY) -> bytes:

@@ -1,0 +1,1 @@
+"""Explain a prediction: attribution maps (`methods`), pictures (`render`), `--mode=explain`."""
