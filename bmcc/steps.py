@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bmcc import finetune, models
+from bmcc.config_validation import ConfigError
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB, normalize_images
 from bmcc.models.pretrained import IMAGENET
 
@@ -54,7 +55,7 @@ def resolve_durations(config: ml_collections.ConfigDict, steps_per_epoch: int) -
     if config.get(step_key) is not None:
       return int(config[step_key])
     if config.get(epoch_key) is None:
-      raise ValueError(f"Set config.{step_key} or config.{epoch_key}.")
+      raise ConfigError(f"Set config.{step_key} or config.{epoch_key}.")
     return max(minimum, round(config[epoch_key] * steps_per_epoch))
 
   durations = Durations(
@@ -64,7 +65,7 @@ def resolve_durations(config: ml_collections.ConfigDict, steps_per_epoch: int) -
       checkpoint_every=steps("checkpoint_every_steps", "checkpoint_every_epochs", 1),
       freeze=_freeze_steps(config, steps_per_epoch))
   if durations.warmup > durations.total:
-    raise ValueError(f"Warm-up ({durations.warmup} steps) is longer than training "
+    raise ConfigError(f"Warm-up ({durations.warmup} steps) is longer than training "
                      f"({durations.total} steps).")
   return durations
 

@@ -76,10 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   mesh = steps.create_mesh()
   data = input_pipeline.create_train_iter(config, builder, mesh)
   mapping = data.mapping
-  try:
-    durations = steps.resolve_durations(config, data.steps_per_epoch)
-  except ValueError as e:
-    raise config_validation.ConfigError(str(e)) from None
+  durations = steps.resolve_durations(config, data.steps_per_epoch)  # ConfigError if unfit
   logging.info("Training on %d device(s) (%s), %d process(es): %d examples of %d classes, %d "
                "steps per epoch, %s.", mesh.size, jax.devices()[0].platform, jax.process_count(),
                data.num_examples, mapping.num_classes, data.steps_per_epoch, durations)
