@@ -229,6 +229,14 @@ def _check_usage(mode: str, paths: list[str]) -> None:
          "(python main.py --help lists the configs).")
 
 
+def _ignore_further_signals() -> None:
+  """The run is stopping: more SIGINT/SIGTERM would only interrupt the interpreter's shutdown."""
+  import signal
+
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+
+
 def _predict(config, paths: list[str]) -> int:
   """--mode=predict; stderr gets the error lines and one summary line."""
   from bmcc import predict
@@ -310,9 +318,11 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 4
   except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume
+    _ignore_further_signals()
     print(f"interrupted: {e}", file=sys.stderr)
     return 3
   except KeyboardInterrupt:  # a signal outside the training loop's handler, e.g. during clean-up
+    _ignore_further_signals()
     print("interrupted: stopped at once; the last complete checkpoint stays valid. Rerun the "
           "same command to resume.", file=sys.stderr)
     return 3

@@ -59,4 +59,6 @@ class StopRequest:
 
   def __exit__(self, *exc) -> None:
     for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+      # Once a stop is under way, a further signal during the clean-up still means "stop at once"
+      # (TrainingInterrupted), not a KeyboardInterrupt traceback.
+      signal.signal(signum, self._handle if self.signal is not None else handler)

@@ -105,7 +105,10 @@ def test_a_second_signal_stops_at_once_with_status_3(tmp_path, cache_dir):
   finally:
     proc.kill()
   assert proc.returncode == 3, stderr[-2000:]
-  assert "interrupted: " in stderr and "Traceback" not in stderr, stderr[-2000:]
+  # Wherever the second signal lands (the step, the stop checkpoint's write, the interpreter's
+  # shutdown), one `interrupted:` line and status 3, never a KeyboardInterrupt traceback. A save
+  # it cuts short is abandoned (orbax may log that); the last complete checkpoint stays valid.
+  assert "interrupted: " in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.slow
