@@ -33,7 +33,7 @@ class Samples:
   predictions: np.ndarray  # int [n]
 
 
-def _gather(local: list[np.ndarray]) -> np.ndarray:
+def gather_host_batches(local: list[np.ndarray]) -> np.ndarray:
   """Host arrays of each batch of this process -> the global batches' rows in device order."""
   stacked = np.stack(local)  # [batches, per-process batch, ...]
   if jax.process_count() == 1:
@@ -68,7 +68,8 @@ def predict_batches(model: nnx.Module, batches: Iterable[dict], mesh: Mesh, *, t
         samples = Samples(batch["image"][:n], batch["label"][:n], local.argmax(-1))
   if not probs:
     raise ValueError("The split is empty: there is nothing to evaluate.")
-  return (_gather(labels), np.concatenate(probs), _gather(masks).astype(bool), samples)
+  return (gather_host_batches(labels), np.concatenate(probs),
+          gather_host_batches(masks).astype(bool), samples)
 
 
 def evaluate_split(model: nnx.Module, data: input_pipeline.EvalData, mesh: Mesh, *,

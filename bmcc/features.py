@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from bmcc import config_validation, metrics, probe, steps
 from bmcc.atomic import atomic_write
 from bmcc.data import input_pipeline, loading
+from bmcc.evaluate import gather_host_batches
 from bmcc.models import pretrained
 
 SPLITS = ("train", "validation", "test")  # embedded, in this order
@@ -76,17 +77,9 @@ def _settings(config: ml_collections.ConfigDict, model: nnx.Module,
   return json.loads(json.dumps({
       "model": config.model, "model_config": config.model_config.to_dict(),
       "pretrained": config.pretrained, "image_size": config.image_size, "classes": codes,
-      "fold": config.data.get("fold"), "num_folds": config.data.get("num_folds"),
+      "split": config.data.get("split"), "fold": config.data.get("fold"),
+      "num_folds": config.data.get("num_folds"),
       "input_mean": model.input_mean, "input_std": model.input_std}))
-
-
-def _gather(local: list[np.ndarray]) -> np.ndarray:
-  """Host arrays of each batch of this process -> the global batches' rows in device order."""
-  stacked = np.stack(local)  # [batches, per-process batch, ...]
-  if jax.process_count() == 1:
-    return stacked.reshape(-1, *stacked.shape[2:])
-  every = np.asarray(multihost_utils.process_allgather(stacked))  # [processes, batches, ...]
-  return np.swapaxes(every, 0, 1).reshape(-1, *stacked.shape[2:])
 
 
 def _gather_names(local: list[np.ndarray]) -> np.ndarray:
@@ -101,7 +94,8 @@ def _gather_names(local: list[np.ndarray]) -> np.ndarray:
         raise ValueError(f"File name longer than {_NAME_BYTES} bytes: {name!r}.")
       rows[i, :len(raw)] = np.frombuffer(raw, np.uint8)
     encoded.append(rows)
-  return np.array([bytes(row).rstrip(b"\0").decode("utf-8") for row in _gather(encoded)])
+  return np.array([bytes(row).rstrip(b"\0").decode("utf-8")
+                   for row in gather_host_batches(encoded)])
 
 
 def embed_split(model: nnx.Module, data: input_pipeline.EvalData, mesh: jax.sharding.Mesh,
@@ -135,9 +129,9 @@ def embed_split(model: nnx.Module, data: input_pipeline.EvalData, mesh: jax.shar
       fetch(pending)
   if not embeddings:
     raise ValueError(f"The {split} split is empty: there is nothing to embed.")
-  keep = _gather(masks).astype(bool)
-  features = probe.Features(np.concatenate(embeddings)[keep], _gather(labels)[keep],
-                            _gather_names(names)[keep])
+  keep = gather_host_batches(masks).astype(bool)
+  features = probe.Features(np.concatenate(embeddings)[keep],
+                            gather_host_batches(labels)[keep], _gather_names(names)[keep])
   seconds = time.time() - start
   logging.info("Features of %s: %d images, %d dimensions, in %.1f s (%.0f images/s).", split,
                features.labels.size, features.embeddings.shape[1], seconds,
