@@ -7,10 +7,10 @@ Writes ~2,300 synthetic 250 x 250 JPEGs (three planted bad files) in the Kaggle 
 splits), trains SimpleCNN at 48 px for 400 steps of batch 32 (about 7 epochs of the 1,866
 training images) and evaluates on the test split (232 images).
 
-Measured on 2 shared CPU cores: 1 min 55 s (preparing the dataset included); test accuracy 0.978,
-balanced accuracy 0.943, macro F1 0.946. With 4 fake devices (XLA_FLAGS=
---xla_force_host_platform_device_count=4), data cached: 1 min 18 s; 0.983 / 0.959 / 0.960
-(rounding differs; a few images per rare class move the balanced accuracy).
+Measured on 2 CPU cores, nothing else running, data cached: 49 s; test accuracy 0.978, balanced
+accuracy 0.943, macro F1 0.946. With 4 fake devices (XLA_FLAGS=
+--xla_force_host_platform_device_count=4): 46 s; 0.983 / 0.959 / 0.960 (rounding differs; a few
+images per rare class move the balanced accuracy).
 tests/test_end_to_end.py holds the 1-device run to BALANCED_ACCURACY_BAND.
 """
 
