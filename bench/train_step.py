@@ -59,6 +59,19 @@ flags.DEFINE_integer("forward_steps", 10,
 flags.DEFINE_enum("input", "synthetic", ["synthetic", "pipeline"],
                   "synthetic: one device-resident random batch; pipeline: the grain training "
                   "pipeline over a prepared synthetic JPEG dataset.")
+flags.DEFINE_bool("forward_only", False,
+                  "Time only the eval-mode forward pass (features); no training step is built.")
+flags.DEFINE_bool("memory", False,
+                  "Print the compiled step's memory_analysis() beside the device's measured peak "
+                  "(bench/memory_check.py).")
+flags.DEFINE_string("profile_dir", None,
+                    "After timing, trace --profile_steps more steps with jax.profiler into this "
+                    "folder and print a summary of the device time (bench/profile_summary.py).")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
+flags.DEFINE_string("hlo_out", None, "Write the compiled step's optimised HLO text to this file.")
+flags.DEFINE_enum("attention_impl", None, ["xla", "cudnn"],
+                  "ViTs: implementation of jax.nn.dot_product_attention (model_config key "
+                  "attention_impl; default: the config's, else jax's default).")
 flags.DEFINE_float("synthetic_scale", 0.012,
                    "--input=pipeline without config.data.synthetic: images per class of the "
                    "synthetic dataset as a fraction of the real class sizes (at least 40 each).")
@@ -145,6 +158,35 @@ def _pipeline_batches(config, mesh):
   return batches(), data.iterator.close
 
 
+def _profile(compiled, state, metrics, batches, keys, first: int):
+  """Runs --profile_steps more steps under jax.profiler into --profile_dir; (state, metrics).
+
+  A tracer that fails (no CUPTI, say) is reported, not raised: the row keeps its numbers.
+  """
+  import jax
+
+  start = time.time()
+  try:
+    jax.profiler.start_trace(FLAGS.profile_dir)
+  except Exception as e:  # noqa: BLE001
+    print(f"profile_seconds=n/a (start_trace failed: {type(e).__name__}: {e})", flush=True)
+    FLAGS.profile_dir = None
+    return state, metrics
+  try:
+    for step in range(first, first + FLAGS.profile_steps):
+      state, metrics = compiled(state, *next(batches), keys[step])
+    jax.block_until_ready((state, metrics))
+  finally:
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # noqa: BLE001
+      print(f"stop_trace failed: {type(e).__name__}: {e}", flush=True)
+      FLAGS.profile_dir = None
+  print(f"profile_seconds={time.time() - start:.2f} ({FLAGS.profile_steps} steps traced "
+        f"into {FLAGS.profile_dir})", flush=True)
+  return state, metrics
+
+
 def main(argv: list[str]) -> None:
   del argv
   import jax
@@ -155,9 +197,19 @@ def main(argv: list[str]) -> None:
 
   from bmcc import steps
 
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import memory_check
+  import profile_summary
+
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
+  if FLAGS.attention_impl is not None:
+    if not config.model.startswith("vit_"):
+      raise app.UsageError(f"--attention_impl is for ViTs, not {config.model}.")
+    config.model_config.attention_impl = FLAGS.attention_impl
+  if FLAGS.forward_only and (FLAGS.input != "synthetic" or FLAGS.forward_steps < 1):
+    raise app.UsageError("--forward_only needs --input=synthetic and --forward_steps >= 1.")
   batch, size = config.batch_size, config.image_size
   dtype = config.model_config.get("dtype", "float32")
   devices = jax.devices()
@@ -169,20 +221,23 @@ def main(argv: list[str]) -> None:
   print(f"device={kind} x{len(devices)} ({devices[0].platform}) processes={jax.process_count()}")
   print(f"model={config.model} image_size={size} global_batch={batch} "
         f"per_device_batch={per_device_batch} dtype={dtype} input={FLAGS.input} "
-        f"ema_decay={config.get('ema_decay')}", flush=True)
+        f"ema_decay={config.get('ema_decay')} "
+        f"attention_impl={config.model_config.get('attention_impl')} "
+        f"forward_only={FLAGS.forward_only}", flush=True)
 
   mesh = steps.create_mesh()
   replicated = NamedSharding(mesh, P())
   start = time.time()
   model = steps.create_model(config, num_classes)
-  # A fine-tuning config's optimizer as after unfreezing (freeze_steps 0).
-  optimizer = nnx.Optimizer(
-      model, steps.create_optimizer(config, steps.create_learning_rate_fn(
-          config, steps.resolve_durations(config, steps_per_epoch=500)), model), wrt=nnx.Param)
   model_graph, model_state = nnx.split(model)
-  ema = steps.create_ema(config, model)  # the weight average, if the config keeps one
-  graphdef, state = nnx.split((model, optimizer, ema))
-  state = jax.device_put(state, replicated)
+  if not FLAGS.forward_only:
+    # A fine-tuning config's optimizer as after unfreezing (freeze_steps 0).
+    optimizer = nnx.Optimizer(
+        model, steps.create_optimizer(config, steps.create_learning_rate_fn(
+            config, steps.resolve_durations(config, steps_per_epoch=500)), model), wrt=nnx.Param)
+    ema = steps.create_ema(config, model)  # the weight average, if the config keeps one
+    graphdef, state = nnx.split((model, optimizer, ema))
+    state = jax.device_put(state, replicated)
   num_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"parameters={num_params:,} (built in {time.time() - start:.1f} s)", flush=True)
 
@@ -206,16 +261,26 @@ def main(argv: list[str]) -> None:
     return embed(steps.normalize_input(model, images)).astype(np.float32)
 
   cleanup = None
+  flops_compiled = flops_hlo = None
+  memory_before = memory_after = compiled_stats = None
   with jax.set_mesh(mesh):
     example = next(_synthetic_batches(mesh, batch, size, num_classes, config.seed))
     keys = jax.device_put(
-        jax.random.split(jax.random.key(config.seed + 1), FLAGS.warmup + FLAGS.steps), replicated)
-    start = time.time()
-    lowered = jax.jit(pure_step, donate_argnums=0).lower(state, *example, keys[0])
-    compiled = lowered.compile()
-    print(f"compile_seconds={time.time() - start:.1f}", flush=True)
-    flops_compiled = _flops(compiled.cost_analysis())
-    flops_hlo = _flops(lowered.cost_analysis())
+        jax.random.split(jax.random.key(config.seed + 1),
+                         FLAGS.warmup + FLAGS.steps + FLAGS.profile_steps), replicated)
+    if not FLAGS.forward_only:
+      start = time.time()
+      lowered = jax.jit(pure_step, donate_argnums=0).lower(state, *example, keys[0])
+      compiled = lowered.compile()
+      print(f"compile_seconds={time.time() - start:.1f}", flush=True)
+      flops_compiled = _flops(compiled.cost_analysis())
+      flops_hlo = _flops(lowered.cost_analysis())
+      if FLAGS.hlo_out:
+        with open(FLAGS.hlo_out, "w") as f:
+          f.write(compiled.as_text())
+        print(f"hlo_out={FLAGS.hlo_out}")
+      if FLAGS.memory:
+        compiled_stats = memory_check.compiled_memory(compiled)
     flops_forward = _flops(jax.jit(forward).lower(model_state, example[0]).cost_analysis())
 
     if FLAGS.input == "synthetic":
@@ -226,8 +291,10 @@ def main(argv: list[str]) -> None:
       # The forward pass first (on the model's initial state: `state` is donated below).
       forward_seconds = None
       if FLAGS.forward_steps > 0:
+        start = time.time()
         features_fn = jax.jit(features).lower(
             jax.device_put(model_state, replicated), example[0]).compile()
+        print(f"forward_compile_seconds={time.time() - start:.1f}", flush=True)
         forward_state = jax.device_put(model_state, replicated)
         jax.block_until_ready(features_fn(forward_state, example[0]))
         start = time.time()
@@ -235,20 +302,50 @@ def main(argv: list[str]) -> None:
           out = features_fn(forward_state, example[0])
         jax.block_until_ready(out)
         forward_seconds = time.time() - start
-        del forward_state
-      start = time.time()
-      for step in range(FLAGS.warmup):
-        state, metrics = compiled(state, *next(batches), keys[step])
-      jax.block_until_ready((state, metrics))
-      print(f"warmup_seconds={time.time() - start:.2f} ({FLAGS.warmup} steps)", flush=True)
-      start = time.time()
-      for step in range(FLAGS.warmup, FLAGS.warmup + FLAGS.steps):
-        state, metrics = compiled(state, *next(batches), keys[step])
-      jax.block_until_ready((state, metrics))
-      seconds = time.time() - start
+        del forward_state, out
+      if FLAGS.forward_only:
+        seconds = forward_seconds
+        metrics = None
+      else:
+        memory_before = memory_check.device_memory() if FLAGS.memory else None
+        start = time.time()
+        for step in range(FLAGS.warmup):
+          state, metrics = compiled(state, *next(batches), keys[step])
+        jax.block_until_ready((state, metrics))
+        print(f"warmup_seconds={time.time() - start:.2f} ({FLAGS.warmup} steps)", flush=True)
+        start = time.time()
+        for step in range(FLAGS.warmup, FLAGS.warmup + FLAGS.steps):
+          state, metrics = compiled(state, *next(batches), keys[step])
+        jax.block_until_ready((state, metrics))
+        seconds = time.time() - start
+        memory_after = memory_check.device_memory() if FLAGS.memory else None
+        if FLAGS.profile_dir:
+          state, metrics = _profile(compiled, state, metrics, batches, keys,
+                                    FLAGS.warmup + FLAGS.steps)
     finally:
       if cleanup is not None:
         cleanup()
+
+  if FLAGS.memory and not FLAGS.forward_only:
+    memory_check.report(compiled_stats, memory_before, memory_after)
+  if FLAGS.profile_dir and not FLAGS.forward_only:
+    try:
+      print(profile_summary.summarize(FLAGS.profile_dir, FLAGS.profile_steps))
+    except Exception as e:  # noqa: BLE001  (the summary must not cost the row its numbers)
+      print(f"profile summary failed: {type(e).__name__}: {e}")
+  if FLAGS.forward_only:
+    print(f"forward_flops_per_image_hlo={flops_forward / batch:.4g}" if flops_forward else
+          "forward_flops_per_image_hlo=n/a")
+    forward_ips = FLAGS.forward_steps * batch / forward_seconds
+    print(f"forward_step_seconds={forward_seconds / FLAGS.forward_steps:.4f}")
+    if flops_forward:
+      tflops = forward_ips * flops_forward / batch / len(devices) / 1e12
+      print(f"forward_tflops_per_device={tflops:.2f} (unoptimised HLO count)")
+    print(f"forward_images_per_second={forward_ips:.1f} (eval-mode features, "
+          f"{FLAGS.forward_steps} timed steps after 1 untimed)")
+    print(f"tensorflow_imported={sys.modules.get('tensorflow') is not None}")
+    print(f"images_per_second={forward_ips:.1f}")
+    return
 
   loss = float(metrics["loss"])
   images_per_second = FLAGS.steps * batch / seconds
