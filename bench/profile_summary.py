@@ -17,6 +17,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import warnings
 
 
@@ -57,6 +58,20 @@ def _table(totals: dict, counts: dict, extra: dict, steps: int, busy_ns: float, 
   return lines
 
 
+def _kind(name: str) -> str:
+  """An op's kind: its HLO name without the instance number (`fusion.12` -> `fusion`)."""
+  return re.sub(r"(\.\d+)+$", "", name)
+
+
+def _by_kind(totals: dict, counts: dict, steps: int, busy_ns: float, top: int) -> list[str]:
+  kinds, kind_counts = collections.Counter(), collections.Counter()
+  for name, ns in totals.items():
+    kinds[_kind(name)] += ns
+    kind_counts[_kind(name)] += counts[name]
+  return _table(kinds, kind_counts, {}, steps, busy_ns, top,
+                "by op kind (instance number dropped):")
+
+
 def summarize(trace_dir: str, steps: int = 1, top: int = 25) -> str:
   """The summary text of the newest trace under `trace_dir`, `steps` steps traced."""
   path = find_xplane(trace_dir)
@@ -94,6 +109,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 25) -> str:
         out.append("by HLO category: " + ", ".join(
             f"{c} {ns / 1e6 / steps:.2f} ms ({ns / busy:.0%})"
             for c, ns in by_category.most_common()))
+      out += _by_kind(totals, counts, steps, busy, 15)
       out += _table(totals, counts, categories, steps, busy, top, "top XLA ops by device time:")
     kernels, kernel_counts = collections.Counter(), collections.Counter()
     for name, events in lines.items():
@@ -122,6 +138,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 25) -> str:
     busy = sum(totals.values())
     out.append(f"no device plane (CPU run): host events with an hlo_op, {busy / 1e6 / steps:.3f} "
                f"ms/step over all threads")
+    out += _by_kind(totals, counts, steps, busy, 15)
     out += _table(totals, counts, {}, steps, busy, top, "top ops by time:")
   return "\n".join(out)
 

@@ -207,7 +207,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.attention_impl is not None:
     if not config.model.startswith("vit_"):
       raise app.UsageError(f"--attention_impl is for ViTs, not {config.model}.")
-    config.model_config.attention_impl = FLAGS.attention_impl
+    with config.model_config.unlocked():  # config_flags locks the config
+      config.model_config.attention_impl = FLAGS.attention_impl
   if FLAGS.forward_only and (FLAGS.input != "synthetic" or FLAGS.forward_steps < 1):
     raise app.UsageError("--forward_only needs --input=synthetic and --forward_steps >= 1.")
   batch, size = config.batch_size, config.image_size
@@ -318,6 +319,11 @@ def main(argv: list[str]) -> None:
           state, metrics = compiled(state, *next(batches), keys[step])
         jax.block_until_ready((state, metrics))
         seconds = time.time() - start
+        # Early copies of the key lines (repeated last): a profile that overruns the caller's
+        # time-out must not cost the row its figure.
+        print(f"step_seconds={seconds / FLAGS.steps:.4f} (timed; details below)")
+        print(f"images_per_second={FLAGS.steps * batch / seconds:.1f} (timed; details below)",
+              flush=True)
         memory_after = memory_check.device_memory() if FLAGS.memory else None
         if FLAGS.profile_dir:
           state, metrics = _profile(compiled, state, metrics, batches, keys,
