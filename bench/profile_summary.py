@@ -120,7 +120,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 25) -> str:
     if kernels:
       busy = sum(kernels.values())
       out.append(f"GPU kernels (all streams): {busy / 1e6 / steps:.3f} ms/step, "
-                 f"{sum(kernel_counts.values()) / steps:.0f} launches/step")
+                 f"{sum(kernel_counts.values()) / steps:.1f} launches/step")
       out += _table(kernels, kernel_counts, {}, steps, busy, top, "top kernels by device time:",
                     width=110)
     if not op_events and not kernels:
