@@ -33,7 +33,16 @@ way: `model.features` for the ViTs and ResNets (what `--mode=features` runs per 
 for the simple CNN; `forward_images_per_second=<float>`. Pretrained configs build the same model
 with random weights (nothing is loaded; the weights do not change the speed), with the fine-tuning
 optimizer as after unfreezing (the frozen steps skip the backbone's Adam update). The last line is
-`images_per_second=<float>` (training).
+`images_per_second=<float>` (training; a copy is printed as soon as the timing ends, so a caller's
+time-out during the extras below keeps the figure).
+
+Extras (bench/gpu.sh uses them): `--forward_only` times the forward pass alone (no optimizer, no
+training step: ViT-G's features); `--memory` prints the compiled step's `memory_analysis()` and
+the device's bytes in use before the steps and peak after them (bench/memory_check.py);
+`--profile_dir` traces `--profile_steps` more steps with `jax.profiler` and prints the device time
+by op (bench/profile_summary.py); `--hlo_out` writes the compiled step's optimised HLO (the op
+names of the profile); `--attention_impl=cudnn` runs a ViT's attention through cuDNN's fused
+kernel.
 """
 
 from __future__ import annotations
