@@ -203,7 +203,7 @@ profile_seconds|tensorflow_imported|images_per_second)[=: ]" "$log" || true
 | $tflops | $(value fraction_of_peak "$log") | $(value forward_images_per_second "$log") \
 | $((SECONDS - row_start)) |")
   IPS[$name]="$(value images_per_second "$log")"
-  echo "-- $name: $status images/s in $((SECONDS - row_start)) s ($((SECONDS - START_SECONDS)) s elapsed)"
+  echo "-- $name: images/s $status; $((SECONDS - row_start)) s ($((SECONDS - START_SECONDS)) s elapsed)"
   return 0
 }
 
