@@ -38,7 +38,8 @@
 # ml_collections, grain or tensorflow_datasets. The bmcc step and features rows need only
 # ml-collections; rows 5 and 9 need grain and TFDS (TF-less: TFDS reads and prepares ArrayRecord
 # datasets without TensorFlow); the PyTorch rows need torch, torchvision and timm (there already)
-# and run with PYTHONPATH as the script found it (the carried protobuf and etils stay out). If a folder `.whl/` is in the repo root, its wheels are installed with
+# and run with PYTHONPATH as the script found it (the carried protobuf and etils stay out). If a
+# folder `.whl/` is in the repo root, its wheels are installed with
 # `pip install --no-index --no-deps --target /tmp/bmcc-site` and put first on PYTHONPATH. Make it
 # here (Python 3.12, x86-64 Linux wheels; the versions of constraints.txt, the ones tested), with
 # `.whl/` ignored by git (`echo /.whl/ >> .git/info/exclude`):
@@ -49,8 +50,12 @@
 #     ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 \
 #     tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 protobuf==7.36.2 \
 #     etils==1.15.0 dm-tree==0.1.10 immutabledict==4.3.1 importlib-resources==7.1.0 \
-#     portpicker==1.6.0 termcolor==3.3.0 toml==0.10.2
+#     portpicker==1.6.0 termcolor==3.3.0 toml==0.10.2 flax==0.12.12 optax==0.2.8
 #   python3 -m pip wheel --no-deps -w .whl promise==2.3   # sdist only on PyPI: build it here
+#
+# flax and optax travel too (pure Python, 1 MB): the GPU machine's versions are not recorded, and
+# bmcc needs flax >= 0.12.8 (nnx.EMA); flax 0.12.12 needs jax >= 0.11.1 (the machine has 0.11.2;
+# checked with jax 0.11.2 from PyPI in a venv without grain, clu, TFDS, ml-collections or TF).
 #
 # Those are exactly the distributions (beyond what the GPU machine has) that the pipeline mode
 # imports with TensorFlow hidden, traced on the CPU. protobuf and etils are on the GPU machine
