@@ -158,3 +158,46 @@ def test_registry_and_min_image_size():
   assert models.min_image_size("vit_base_patch14", {}) == 14
   with pytest.raises(ValueError, match="ffn"):
     _abstract("vit_small_patch14", ffn="relu")
+
+
+def _attention_pair(monkeypatch):
+  """An Attention layer and 257 tokens; jax's cuDNN attention replaced by XLA's with the same
+  arguments (padding lengths included), so the padded path runs on a CPU."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def cudnn_as_xla(*args, implementation=None, **kwargs):
+    calls.append((implementation, args[0].shape[1], sorted(kwargs)))
+    return real(*args, implementation="xla" if implementation == "cudnn" else implementation,
+                **kwargs)
+
+  layer = vit.Attention(32, 2, implementation=None, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 257, 32))
+  expected = layer(x)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_as_xla)
+  return layer, x, expected, calls, real
+
+
+def test_cudnn_attention_pads_to_64_tokens_and_masks_them(monkeypatch):
+  layer, x, expected, calls, _ = _attention_pair(monkeypatch)
+  layer.implementation = "cudnn"
+  np.testing.assert_allclose(layer(x), expected, rtol=0, atol=1e-6)
+  assert calls == [("cudnn", 320, ["key_value_seq_lengths", "query_seq_lengths"])]
+
+
+def test_gpu_default_tries_cudnn_then_falls_back_to_xla(monkeypatch):
+  layer, x, expected, calls, real = _attention_pair(monkeypatch)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  np.testing.assert_allclose(layer(x), expected, rtol=0, atol=1e-6)
+  assert calls[0][:2] == ("cudnn", 320)
+
+  def no_cudnn(*args, implementation=None, **kwargs):
+    if implementation == "cudnn":
+      raise RuntimeError("cuDNN is not detected.")
+    calls.append(implementation)
+    return real(*args, implementation=implementation, **kwargs)
+
+  calls.clear()
+  monkeypatch.setattr(jax.nn, "dot_product_attention", no_cudnn)
+  np.testing.assert_allclose(layer(x), expected, rtol=0, atol=1e-6)
+  assert calls == ["xla"]

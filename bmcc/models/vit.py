@@ -124,6 +124,27 @@ class LayerScale(nnx.Module):
     return x * self.gamma[...].astype(x.dtype)
 
 
+_CUDNN_TOKEN_MULTIPLE = 64  # cuDNN flash attention in training: sequence lengths in multiples of 64
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """cuDNN's fused (flash) attention at any token count.
+
+  In training cuDNN takes only sequence lengths that are multiples of 64 (257 tokens at 224 px do
+  not qualify): the tokens are padded to the next multiple and the padded ones masked out, which
+  gives exactly the unpadded attention (`tests/test_vit.py` checks it with XLA's implementation).
+  """
+  tokens = q.shape[1]
+  pad = -tokens % _CUDNN_TOKEN_MULTIPLE
+  if not pad:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                      key_value_seq_lengths=lengths,
+                                      implementation="cudnn")[:, :tokens]
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (biases on qkv and the output)."""
 
@@ -139,8 +160,18 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, tokens, dim = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                       implementation=self.implementation)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.implementation == "cudnn":
+      out = _cudnn_attention(q, k, v)
+    elif self.implementation is None and jax.default_backend() == "gpu":
+      # jax's own default picks XLA's unfused attention at 257 tokens (1,656-1,711 images/s for
+      # ViT-B/14 training on an H200, against 2,367 through cuDNN padded): try cuDNN first.
+      try:
+        out = _cudnn_attention(q, k, v)
+      except (NotImplementedError, RuntimeError, ValueError):  # no cuDNN, or an unsupported GPU
+        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.proj(out.reshape(batch, tokens, dim))
 
 
