@@ -728,6 +728,75 @@ def test_split_mode_explains_confusions_and_classes_into_tensorboard(trained, tm
   assert len(event.tensor_proto.string_val) == 2 + 7  # width, height, then the 7 PNGs
 
 
+# ------------------------------------------------------------------------------------------------
+# Every mode reads the run it restores (`checkpointing.restore_run`).
+
+
+def test_restore_run_takes_the_runs_data_selection_and_names_each_override(trained, caplog):
+  config = _config()  # as the run was trained: nothing to override
+  run = checkpointing.restore_run(trained, config, checkpoint="latest")
+  assert run.overridden == {} and run.step == TRAIN_STEPS
+  assert run.config.data.classes == CLASSES and run.config.image_size == SIZE
+  config.data.split, config.data.fold, config.data.num_folds = "dinobloom", 1, 5
+  config.data.classes, config.image_size = ("BLA", "EBO"), 64
+  with caplog.at_level("WARNING"):
+    run = checkpointing.restore_run(trained, config, checkpoint="latest")
+  assert (run.config.data.split, run.config.data.fold, run.config.data.num_folds) == (
+      "stratified", None, None)
+  assert run.config.data.classes == CLASSES and run.config.image_size == SIZE
+  assert run.overridden == {"data.split": ("dinobloom", "stratified"), "data.fold": (1, None),
+                            "data.num_folds": (5, None),
+                            "data.classes": (["BLA", "EBO"], list(CLASSES)),
+                            "image_size": (64, SIZE)}
+  (line,) = [r.getMessage() for r in caplog.records if "disagrees" in r.getMessage()]
+  assert all(key in line for key in run.overridden) and "the run's values are used" in line
+  assert config.data.split == "dinobloom"  # the caller's config is left as it was
+  assert checkpointing.restore_run(trained, checkpoint="latest").config is None
+
+
+@pytest.fixture(scope="module")
+def dinobloom_run(trained, tmp_path_factory):
+  """The trained test model saved again as if trained under the DinoBloom protocol."""
+  model, meta, step = checkpointing.restore_model(trained, "latest")
+  workdir = str(tmp_path_factory.mktemp("dinobloom") / "workdir")
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt.save(step, model=model, optimizer=None, ema_model=None,
+            data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()),
+            metadata={**meta, "protocol": "dinobloom"})
+  ckpt.close()
+  return workdir
+
+
+def test_explain_split_and_evaluate_read_the_split_of_the_runs_protocol(dinobloom_run, tmp_path,
+                                                                        monkeypatch):
+  """A run trained under `data.split="dinobloom"`, explained and evaluated with a config that
+  says "stratified": the split is read under the run's protocol (explain read the config's)."""
+  from bmcc import evaluate  # noqa: PLC0415
+  from bmcc.data import input_pipeline, loading, pipeline  # noqa: PLC0415
+
+  images = np.stack([cell(c, 980)[0] for c in CLASSES])
+  labels = np.arange(len(CLASSES), dtype=np.int32)
+  protocols = []
+
+  def eval_iter(config, builder, split, **kwargs):
+    protocols.append(config.data.split)
+    return input_pipeline.EvalData(iter([pipeline.pad_batch({"image": images, "label": labels},
+                                                            8)]),
+                                   pipeline.ClassMapping.create(config.data.classes), 8)
+
+  monkeypatch.setattr(loading, "load_builder", lambda data_config: None)
+  monkeypatch.setattr(input_pipeline, "create_eval_iter", eval_iter)
+  config = _config()
+  assert config.data.split == "stratified"
+  assert driver.explain_split(config, dinobloom_run, split="validation", num_examples=2,
+                              methods="gradcam", checkpoint="latest", batch_size=8,
+                              out_dir=str(tmp_path / "explain"), stdout=io.StringIO()) == 0
+  report = evaluate.evaluate_workdir(config, dinobloom_run, split="validation",
+                                     checkpoint="latest")
+  assert report["num_examples"] == 8
+  assert protocols == ["dinobloom"] * 3  # explain: the confusion matrix, then the examples
+
+
 def measure(workdir: str) -> None:
   """Prints the tests' measurements for a run: its classes with a nucleus, one cell each (as
   many as fill whole shards of the local devices)."""
