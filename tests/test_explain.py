@@ -816,7 +816,7 @@ def measure(workdir: str) -> None:
       errors, _ = completeness_errors(model, images, baseline, num_steps)
       print(f"  IG completeness, {baseline} baseline, {num_steps} steps: max relative error "
             f"{errors.max():.4f}, median {np.median(errors):.4f}")
-  for spec in ("ig", "ig:baseline=black", "ig:baseline=blurred", "smoothgrad", "gradcam",
+  for spec in ("ig", "ig:baseline=black", "ig:baseline=blurred", SMOOTHGRAD, "gradcam",
                "occlusion"):
     maps, _, targets = explain(model, images, spec)
     other, _, _ = explain(random_model, images, spec, targets)

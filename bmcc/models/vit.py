@@ -6,7 +6,8 @@ register tokens, a learned absolute position embedding, pre-norm blocks (LayerNo
 multi-head attention with a fused qkv projection, LayerScale, a GELU MLP or a packed SwiGLU
 feed-forward for ViT-G, stochastic depth) and a final LayerNorm. `features` is the normalised CLS
 token (timm's pre-logits with token pooling, DINOv2's `x_norm_clstoken`); `__call__` puts a linear
-head on it.
+head on it; `attention_maps` returns every block's attention probabilities (for attention rollout,
+`bmcc.explain.methods`).
 
 Position embedding: stored for the patch grid of `image_size` (224 px -> 16 x 16 by default). An
 input of another size gets the patch part resampled bicubically exactly as DINOv2 does it (PyTorch
