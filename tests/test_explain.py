@@ -545,6 +545,8 @@ def test_attention_rollout_on_a_vit_maps_the_patch_tokens(num_registers):
   registers) on the 2 x 3 patch grid of a 28 x 42 input, resized bilinearly."""
   vit = _vit(num_registers)
   images = _random_images(4, 28, 42, seed=3)
+  if num_registers:  # gradients of a ViT in the sharded program (they failed to trace)
+    assert np.isfinite(explain(vit, images, "ig:steps=2")[0]).all()
   maps, _, _ = explain(vit, images, "attention_rollout")
   attention = nnx.jit(lambda vit, x: vit.attention_maps(steps.normalize_input(vit, x)))(
       vit, jnp.asarray(images))
@@ -565,13 +567,13 @@ def test_explain_uses_attention_rollout_on_a_vit_by_default(tmp_path):
             data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()),
             metadata=checkpointing.run_metadata(config, CLASSES))
   ckpt.close()
-  image = tmp_path / "cell.png"
-  image.write_bytes(synthetic.image_bytes("BLA", 950))
-  status, records, errors = _explain_paths(str(tmp_path / "vit"), [image],
-                                           out_dir=str(tmp_path / "out"))
-  assert status == 0 and errors == [], errors  # no method skipped
-  assert list(records[0]["maps"]) == ["integrated_gradients", "attention_rollout", "occlusion"]
-  assert np.load(records[0]["maps"]["attention_rollout"]).shape == (14, 14)
+  stderr = io.StringIO()
+  explainer = driver.Explainer(str(tmp_path / "vit"), checkpoint="latest", methods=None,
+                               target=None, out_dir=str(tmp_path / "out"), batch_size=4,
+                               stderr=stderr)
+  assert stderr.getvalue() == ""  # no method skipped
+  assert [m.name for m in explainer.methods] == [
+      "integrated_gradients", "attention_rollout", "occlusion"]
 
 
 def test_choose_examples_takes_the_commonest_confusions_then_every_class():
