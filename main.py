@@ -53,9 +53,11 @@ flags.DEFINE_string("output_csv", None, "--mode=predict: also write the predicti
 flags.DEFINE_list("folds", None, "--mode=cross_validate: the folds to run, e.g. 0,3 or "
                   "$SLURM_ARRAY_TASK_ID; default all (config.data.num_folds, or 5); empty: only "
                   "the summary.")
-flags.DEFINE_string("method", "integrated_gradients,gradcam,occlusion",
+flags.DEFINE_string("method", None,
                     "--mode=explain: comma-separated methods, each name[:key=value...] "
-                    "(integrated_gradients, smoothgrad, gradcam, occlusion; see bmcc.explain).")
+                    "(integrated_gradients, smoothgrad, gradcam, occlusion, attention_rollout; "
+                    "see bmcc.explain); default integrated_gradients,gradcam,occlusion, with "
+                    "attention_rollout for Grad-CAM on a ViT.")
 flags.DEFINE_string("target", None,
                     "--mode=explain: explain this class code instead of the predicted class.")
 flags.DEFINE_string("output_dir", None,

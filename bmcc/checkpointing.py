@@ -11,7 +11,9 @@ This is the only module that imports orbax.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -26,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from bmcc import steps
 from bmcc.config_validation import ConfigError
+from bmcc.data import classes as classes_lib
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB
 
 BEST_METRIC = "val_balanced_accuracy"
@@ -225,6 +228,75 @@ def restore_model(workdir: str, checkpoint: str = "best", mesh: jax.sharding.Mes
   model.input_mean = tuple(float(x) for x in meta.get("input_mean", MEAN_RGB))
   model.input_std = tuple(float(x) for x in meta.get("input_std", STDDEV_RGB))
   return model, meta, step
+
+
+# What a run's data selection and input are, as config keys, and the metadata key holding each
+# (with the value of checkpoints written before the key was recorded).
+RUN_SELECTION = (("data.split", "protocol", "stratified"), ("data.fold", "fold", None),
+                 ("data.num_folds", "num_folds", None), ("data.classes", "classes", None),
+                 ("image_size", "image_size", None))
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  """A checkpoint's model with what it was trained on (`restore_run`)."""
+
+  model: nnx.Module  # built from the metadata, weights restored, `input_mean`/`input_std` set
+  metadata: dict  # `run_metadata` as saved with the checkpoint
+  step: int
+  # The `config` given to `restore_run` with the run's protocol, fold, num_folds, classes and
+  # image size (`RUN_SELECTION`); None when no config was given.
+  config: ml_collections.ConfigDict | None
+  overridden: dict[str, tuple[Any, Any]]  # config key -> (the config's value, the run's)
+
+
+def _config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  value = config
+  for part in key.split("."):
+    value = value.get(part) if value is not None else None
+  if key == "data.classes":  # None: every class, in the dataset's order
+    value = classes_lib.CODES if value is None else value
+  return json.loads(json.dumps(value))  # tuples -> lists, as the metadata has them
+
+
+def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+                checkpoint: str = "best", mesh: jax.sharding.Mesh | None = None) -> RestoredRun:
+  """The one way a mode reads a trained run: its model and data selection from the checkpoint.
+
+  Evaluate, predict, explain and export all call this, so that none can disagree with the run it
+  restores. The model is `restore_model(workdir, checkpoint, mesh)`'s (architecture, classes,
+  weights and input normalisation from the checkpoint's metadata). If `config` is given (for
+  its data and batch settings), the returned `config` is a copy of it whose data selection and
+  input (`RUN_SELECTION`: protocol `data.split`, `data.fold`, `data.num_folds`, `data.classes`,
+  `image_size`) are the run's; every key on which the given config disagreed is named in one
+  warning line of the log ("the run's values are used") and listed in `overridden`.
+
+  Raises:
+    ConfigError: no checkpoint in `workdir`, or `checkpoint` is not 'best' or 'latest'.
+  """
+  model, meta, step = restore_model(workdir, checkpoint, mesh)
+  overridden: dict[str, tuple[Any, Any]] = {}
+  run_config = None
+  if config is not None:
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    for key, meta_key, old_default in RUN_SELECTION:
+      run_value = meta.get(meta_key, old_default)
+      if meta_key == "classes":
+        run_value = list(run_value)
+      if _config_value(config, key) != run_value:
+        overridden[key] = (_config_value(config, key), run_value)
+      *parents, name = key.split(".")
+      target = run_config
+      for part in parents:
+        target = target[part]
+      target[name] = tuple(run_value) if meta_key == "classes" else run_value
+    if overridden:
+      logging.warning(
+          "The config disagrees with the run in %s on %s; the run's values are used.", workdir,
+          ", ".join(f"{key} ({given!r} -> the run's {run!r})"
+                    for key, (given, run) in overridden.items()))
+  return RestoredRun(model=model, metadata=meta, step=step, config=run_config,
+                     overridden=overridden)
 
 
 def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int

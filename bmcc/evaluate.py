@@ -105,19 +105,17 @@ def log_report(writer, step: int, split: str, report: dict, workdir: str,
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str = "test",
                      checkpoint: str = "best", tta: bool = False) -> dict:
-  """Evaluates a checkpoint of `workdir` on `split`.
+  """Evaluates a checkpoint of `workdir` on `split`, selected as the run selected it
+  (`checkpointing.restore_run`: the run's protocol, fold, classes and image size).
 
   Writes `eval_<split>_<checkpoint>[_tta].json` (and its table and picture) beside the run's own
   reports, never over them.
   """
   mesh = steps.create_mesh()  # all processes' devices; every process restores its replica
-  model, meta, step = checkpointing.restore_model(workdir, checkpoint, mesh)
+  run = checkpointing.restore_run(workdir, config, checkpoint=checkpoint, mesh=mesh)
+  model, step, config = run.model, run.step, run.config  # the run's protocol, classes, size
   builder = loading.load_builder(config.data)
-  config = ml_collections.ConfigDict(config.to_dict())  # the run's protocol, from the checkpoint
-  config.data.fold, config.data.num_folds = meta.get("fold"), meta.get("num_folds")
-  config.data.split = meta.get("protocol", "stratified")
-  data = input_pipeline.create_eval_iter(config, builder, split, classes=tuple(meta["classes"]),
-                                         image_size=meta["image_size"])
+  data = input_pipeline.create_eval_iter(config, builder, split)
   report, _ = evaluate_split(model, data, mesh, tta=tta)
   report["checkpoint_step"] = step
   if split == "test":

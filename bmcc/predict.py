@@ -281,7 +281,8 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
   if not files:
     return 1
 
-  model, meta, step = checkpointing.restore_model(workdir, checkpoint)
+  run = checkpointing.restore_run(workdir, checkpoint=checkpoint)
+  model, meta, step = run.model, run.metadata, run.step
   model.eval()  # before the jitted step: the mode is part of its static structure
   image_size = int(meta["image_size"])
   codes = list(meta["classes"])

@@ -6,7 +6,8 @@
   python main.py --mode=explain --config configs/demo.py --workdir workdirs/demo \\
       --split=test --num_examples=24
 
-Model, classes and input size come from the checkpoint, and files are found, decoded and
+Model, classes, input size and (with `--split`) the protocol and fold come from the checkpoint
+(`bmcc.checkpointing.restore_run`, as for evaluate and predict), and files are found, decoded and
 reported exactly as by `--mode=predict` (`bmcc.predict`: folders walked in sorted order, any PIL
 mode and size, one `error: <path>: <reason>` line on stderr per unusable file, exit status 1 if
 any failed). Into `--output_dir` (default `<workdir>/explain/<date-time>/`) go, per image,
@@ -47,7 +48,6 @@ from bmcc.explain import methods as methods_lib
 from bmcc.explain import render
 from bmcc.parallel import ordered_map
 
-DEFAULT_METHODS = "integrated_gradients,gradcam,occlusion"
 _CODE_IN_NAME = re.compile(r"^([A-Z]{3})_")  # the dataset's file names: BLA_00001.jpg
 
 
@@ -66,20 +66,31 @@ class Example:
 class Explainer:
   """A restored model on the local mesh, the methods, and the output folder."""
 
-  def __init__(self, workdir: str, *, checkpoint: str, methods: Sequence[methods_lib.Method],
-               target: str | None, out_dir: str | None, batch_size: int, stderr: TextIO,
-               display_size: int = 192, contact_sheet_rows: int = 48):
+  def __init__(self, workdir: str, *, checkpoint: str,
+               methods: Sequence[methods_lib.Method] | None, target: str | None,
+               out_dir: str | None, batch_size: int, stderr: TextIO, display_size: int = 192,
+               contact_sheet_rows: int = 48, config: ml_collections.ConfigDict | None = None):
     if checkpoint not in ("best", "latest"):
       raise config_validation.ConfigError(f"checkpoint={checkpoint!r}: use best or latest.")
     if batch_size < 1:
       raise config_validation.ConfigError(f"batch_size={batch_size} must be at least 1.")
-    self.model, self.meta, self.step = checkpointing.restore_model(workdir, checkpoint)
+    run = checkpointing.restore_run(workdir, config, checkpoint=checkpoint)
+    self.model, self.meta, self.step = run.model, run.metadata, run.step
+    self.config = run.config  # the given config with the run's protocol, fold, classes, size
     self.codes = list(self.meta["classes"])
     self.image_size = int(self.meta["image_size"])
     if target is not None and target not in self.codes:
       raise config_validation.ConfigError(
           f"--target={target!r} is not a class of this model: {', '.join(self.codes)}.")
     self.target = -1 if target is None else self.codes.index(target)
+    if methods is None:
+      methods = _parse_methods(methods_lib.default_methods(self.model))
+    for method in methods:
+      if method.name == "occlusion":
+        try:
+          methods_lib.occlusion_geometry(method, self.image_size)
+        except ValueError as e:
+          raise config_validation.ConfigError(f"--method: {e}") from None
     self.methods = []
     for method in methods:
       reason = methods_lib.unsupported_reason(self.model, method)
@@ -218,7 +229,8 @@ def _parse_methods(methods: str | Sequence[str]) -> list[methods_lib.Method]:
 
 
 def explain_paths(workdir: str, paths: Sequence[str | os.PathLike], *,
-                  methods: str | Sequence[str] = DEFAULT_METHODS, target: str | None = None,
+                  methods: str | Sequence[str] | None = None,
+                  target: str | None = None,
                   out_dir: str | None = None, checkpoint: str = "best", batch_size: int = 32,
                   display_size: int = 192, contact_sheet_rows: int = 48,
                   stdout: TextIO | None = None, stderr: TextIO | None = None,
@@ -228,7 +240,8 @@ def explain_paths(workdir: str, paths: Sequence[str | os.PathLike], *,
   Args:
     workdir: the training run's folder (its `checkpoints/` are read).
     paths: image files and folders (see `bmcc.predict.collect_images`).
-    methods: comma-separated method specs, `name[:key=value...]` (`bmcc.explain.methods`).
+    methods: comma-separated method specs, `name[:key=value...]` (`bmcc.explain.methods`);
+      None: `methods.default_methods(model)`.
     target: a class code to explain instead of each image's predicted class.
     out_dir: where the pictures and maps go (default `<workdir>/explain/<date-time>`).
     checkpoint: 'best' or 'latest'.
@@ -247,7 +260,7 @@ def explain_paths(workdir: str, paths: Sequence[str | os.PathLike], *,
   """
   stdout = sys.stdout if stdout is None else stdout
   stderr = sys.stderr if stderr is None else stderr
-  parsed = _parse_methods(methods)
+  parsed = None if methods is None else _parse_methods(methods)
   files, failures = predict.find_images(paths, stderr)
   if not files:
     return 1
@@ -313,7 +326,7 @@ def choose_examples(labels: np.ndarray, predictions: np.ndarray, num: int, codes
 
 
 def explain_split(config: ml_collections.ConfigDict, workdir: str, *, split: str = "test",
-                  num_examples: int = 24, methods: str | Sequence[str] = DEFAULT_METHODS,
+                  num_examples: int = 24, methods: str | Sequence[str] | None = None,
                   target: str | None = None, out_dir: str | None = None,
                   checkpoint: str = "best", batch_size: int = 32,
                   stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -332,17 +345,16 @@ def explain_split(config: ml_collections.ConfigDict, workdir: str, *, split: str
   stderr = sys.stderr if stderr is None else stderr
   if num_examples < 1:
     raise config_validation.ConfigError(f"--num_examples={num_examples} must be at least 1.")
-  explainer = Explainer(workdir, checkpoint=checkpoint, methods=_parse_methods(methods),
-                        target=target, out_dir=out_dir, batch_size=batch_size, stderr=stderr)
+  explainer = Explainer(workdir, checkpoint=checkpoint,
+                        methods=None if methods is None else _parse_methods(methods),
+                        target=target, out_dir=out_dir, batch_size=batch_size, stderr=stderr,
+                        config=config)
   explainer.keep_panels = True
-  meta = explainer.meta
+  config = explainer.config  # the run's protocol, fold, classes and image size
   builder = loading.load_builder(config.data)
-  config = ml_collections.ConfigDict(config.to_dict())  # the run's protocol, from the checkpoint
-  config.data.fold, config.data.num_folds = meta.get("fold"), meta.get("num_folds")
 
   def batches():
-    return input_pipeline.create_eval_iter(config, builder, split, classes=tuple(meta["classes"]),
-                                           image_size=explainer.image_size).batches
+    return input_pipeline.create_eval_iter(config, builder, split).batches
 
   labels, probs, mask, _ = evaluate.predict_batches(explainer.model, batches(), explainer.mesh)
   real = np.flatnonzero(mask)

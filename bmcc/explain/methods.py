@@ -17,12 +17,17 @@ measures the target's probability.
 Maps, per method:
   integrated_gradients  signed, per pixel (summed over RGB); the map sums to
                         logit(x) - logit(baseline) up to the quadrature error (completeness).
-  smoothgrad            >= 0: |mean gradient over noisy copies|, summed over RGB.
+  smoothgrad            >= 0: |mean gradient over noisy copies|, summed over RGB (noise scaled
+                        to each image's range).
   gradcam               >= 0: ReLU of the gradient-weighted last conv feature map, upsampled.
   occlusion             signed: the mean drop of the target probability when a patch covering
                         the pixel is replaced by the fill (positive: the patch supported it).
-  attention_rollout     (hook) for models with `attention_maps(x) -> [B, layers, heads, T, T]`
-                        (token 0 the CLS token); no bmcc model has one yet.
+  attention_rollout     >= 0, class-agnostic: the CLS token's rolled-out attention to each patch,
+                        for models with `attention_maps(x) -> [B, layers, heads, T, T]` (the ViT:
+                        tokens CLS, `num_registers` registers, then the patches row by row).
+
+Reference images (IG's "mean" baseline, occlusion's "mean" fill) are the model's own input mean
+(`model.input_mean`: what its normalisation maps to 0), e.g. ImageNet's for pretrained weights.
 """
 
 from __future__ import annotations
@@ -41,19 +46,24 @@ from jax.sharding import PartitionSpec as P
 from bmcc import steps
 from bmcc.data.normalization import MEAN_RGB
 
+CNN_METHODS = "integrated_gradients,gradcam,occlusion"  # the default for convolutional networks
+VIT_METHODS = "integrated_gradients,attention_rollout,occlusion"  # ... and for transformers
+
 ALIASES = {"ig": "integrated_gradients", "grad_cam": "gradcam", "smooth_grad": "smoothgrad",
            "rollout": "attention_rollout"}
 # Each method's settings and their defaults; `--method=name:key=value:key=value` overrides them.
 DEFAULTS: dict[str, dict[str, int | float | str]] = {
-    # baseline: mean (the normaliser's mean colour, which the network sees as 0; the default: of
+    # baseline: mean (the model's input mean colour, which it sees as 0; the default: of
     # the three it alone passed both the randomisation and the nucleus check of
     # tests/test_explain.py), black (pixels 0) or blurred (Gaussian, sigma = blur x image side);
     # steps of the midpoint rule along the path.
     "integrated_gradients": {"steps": 32, "baseline": "mean", "blur": 0.08, "chunk": 8},
-    # noise: standard deviation as a fraction of the pixel range 0..255.
+    # noise: standard deviation as a fraction of each image's range (max - min pixel value), as
+    # Smilkov et al. 2017 define the noise level (and PAIR's saliency computes it).
     "smoothgrad": {"samples": 16, "noise": 0.15, "seed": 0, "chunk": 8},
     "gradcam": {},
-    # patch and stride in pixels of the model's input; 0: side // 8 (at least 2) and patch // 2.
+    # patch and stride in pixels of the model's input; 0: shorter side // 8 (at least 2) and
+    # patch // 2. stride <= patch, so that every pixel is covered.
     "occlusion": {"patch": 0, "stride": 0, "fill": "mean", "blur": 0.08, "chunk": 16},
     "attention_rollout": {},
 }
@@ -106,6 +116,9 @@ def parse_method(spec: str) -> Method:
       raise ValueError(f"{name}: {key} must be at least 1.")
   if name == "occlusion" and (options["patch"] < 0 or options["stride"] < 0):
     raise ValueError("occlusion: patch and stride must be positive (0: automatic).")
+  if name == "occlusion" and options["patch"] and options["stride"] > options["patch"]:
+    raise ValueError(f"occlusion: stride={options['stride']} > patch={options['patch']} would "
+                     "leave pixels that no window covers; use stride <= patch.")
   return Method(name, tuple(sorted(options.items())))
 
 
@@ -129,8 +142,14 @@ def unsupported_reason(model: nnx.Module, method: Method) -> str | None:
             "feature_map/logits_from_feature_map methods.")
   if method.name == "attention_rollout" and not hasattr(model, "attention_maps"):
     return (f"attention rollout needs a transformer with attention_maps(x); "
-            f"{type(model).__name__} has none (no ViT in bmcc yet).")
+            f"{type(model).__name__} has none (a CNN: use gradcam).")
   return None
+
+
+def default_methods(model: nnx.Module) -> str:
+  """The methods `--mode=explain` uses when none is given: attention rollout in place of
+  Grad-CAM for a transformer (a model with `attention_maps`)."""
+  return VIT_METHODS if hasattr(model, "attention_maps") else CNN_METHODS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,15 +175,21 @@ def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
   return padded
 
 
-def baseline_images(images: jax.Array, kind: str, blur: float) -> jax.Array:
-  """The reference images of IG (and occlusion's fill): black, the mean colour, or blurred."""
+def baseline_images(images: jax.Array, kind: str, blur: float,
+                    mean: tuple[float, ...] = MEAN_RGB) -> jax.Array:
+  """The reference images of IG (and occlusion's fill): black, the colour `mean` (pass the
+  model's `input_mean`, which its normalisation maps to 0), or blurred."""
   if kind == "black":
     return jnp.zeros_like(images)
   if kind == "mean":
-    return jnp.broadcast_to(jnp.asarray(MEAN_RGB, images.dtype), images.shape)
+    return jnp.broadcast_to(jnp.asarray(mean, images.dtype), images.shape)
   if kind == "blurred":
     return gaussian_blur(images, blur * max(images.shape[1:3]))
   raise ValueError(f"Unknown baseline {kind!r}.")
+
+
+def _input_mean(model: nnx.Module) -> tuple[float, ...]:
+  return tuple(getattr(model, "input_mean", MEAN_RGB))
 
 
 def _logits_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
@@ -205,7 +230,8 @@ def _chunked_sum(fn: Callable[[jax.Array], jax.Array], values: np.ndarray, weigh
 def integrated_gradients(model, images, targets, method: Method, rows=None) -> jax.Array:
   """Sundararajan et al. 2017, midpoint rule over `steps` points of the straight path."""
   logits_fn = _logits_fn(model)
-  baseline = baseline_images(images, method.get("baseline"), method.get("blur"))
+  baseline = baseline_images(images, method.get("baseline"), method.get("blur"),
+                             _input_mean(model))
   steps = method.get("steps")
   alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps
 
@@ -220,12 +246,16 @@ def integrated_gradients(model, images, targets, method: Method, rows=None) -> j
 def smoothgrad(model, images, targets, method: Method, rows: jax.Array) -> jax.Array:
   """Smilkov et al. 2017: the gradient averaged over copies with Gaussian noise.
 
-  The noise of each image depends on the seed, the sample and its row in the batch (`rows`, the
-  global row numbers), not on how the batch is split over devices.
+  The noise's standard deviation is `noise` times the image's own range (max - min over its
+  pixels and channels), the paper's "noise level"; it is not a fraction of 0..255: on cells whose
+  range is 130..235 that was up to twice the noise, and the map spread off the nucleus. The noise
+  of each image depends on the seed, the sample and its row in the batch (`rows`, the global row
+  numbers), not on how the batch is split over devices.
   """
   logits_fn = _logits_fn(model)
   samples = method.get("samples")
-  sigma = method.get("noise") * 255.0
+  spread = images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3))
+  sigma = method.get("noise") * spread[:, None, None, None]
   key = jax.random.key(method.get("seed"))
 
   def gradient_with_noise(index):
@@ -261,10 +291,14 @@ def occlusion_positions(size: int, patch: int, stride: int) -> np.ndarray:
 
 
 def occlusion_geometry(method: Method, size: int) -> tuple[int, int]:
-  """(patch, stride) in pixels for images of side `size` (0 in the settings: automatic)."""
+  """(patch, stride) in pixels for images whose shorter side is `size` (0 in the settings:
+  automatic); the patch is at most `size`. ValueError if stride > patch (uncovered pixels)."""
   patch = method.get("patch") or max(2, size // 8)
   patch = min(patch, size)
   stride = method.get("stride") or max(1, patch // 2)
+  if stride > patch:
+    raise ValueError(f"occlusion: stride={stride} > patch={patch} (at {size} px) would leave "
+                     "pixels that no window covers; use stride <= patch.")
   return patch, stride
 
 
@@ -272,8 +306,8 @@ def occlusion(model, images, targets, method: Method, rows=None) -> jax.Array:
   """Zeiler & Fergus 2014: the drop of the target probability when each window is filled in."""
   logits_fn = _logits_fn(model)
   h, w = images.shape[1:3]
-  patch, stride = occlusion_geometry(method, max(h, w))
-  fill = baseline_images(images, method.get("fill"), method.get("blur"))
+  patch, stride = occlusion_geometry(method, min(h, w))
+  fill = baseline_images(images, method.get("fill"), method.get("blur"), _input_mean(model))
   ys, xs = occlusion_positions(h, patch, stride), occlusion_positions(w, patch, stride)
   corners = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
   rows = (np.arange(h)[None] >= corners[:, :1]) & (np.arange(h)[None] < corners[:, :1] + patch)
@@ -293,6 +327,8 @@ def occlusion(model, images, targets, method: Method, rows=None) -> jax.Array:
   drops = target_probability(images)[None] - drops
   rows, cols = rows.astype(np.float32), cols.astype(np.float32)
   counts = np.einsum("ph,pw->hw", rows, cols)
+  if counts.min() == 0:  # cannot happen with stride <= patch; a NaN map must never be written
+    raise ValueError(f"occlusion: windows of {patch} px every {stride} px leave pixels uncovered.")
   return jnp.einsum("pb,ph,pw->bhw", drops, rows, cols) / counts
 
 
@@ -312,12 +348,22 @@ def rollout(attentions: jax.Array) -> jax.Array:
 
 
 def attention_rollout(model, images, targets, method: Method, rows=None) -> jax.Array:
-  """Attention rollout on a square grid of patch tokens, upsampled (class-agnostic)."""
+  """Attention rollout over the patch tokens (after CLS and the model's `num_registers`
+  registers), on the patch grid (`patch_size`; a square grid without it), upsampled bilinearly
+  to the input (class-agnostic)."""
   del targets, method, rows
   cls_row = rollout(model.attention_maps(steps.normalize_input(model, images)))
-  side = math.isqrt(cls_row.shape[-1])
-  grid = cls_row[:, :side * side].reshape(-1, side, side).astype(jnp.float32)
-  return jax.image.resize(grid, (grid.shape[0], *images.shape[1:3]), "bilinear")
+  patches = cls_row[:, getattr(model, "num_registers", 0):]
+  h, w = images.shape[1:3]
+  patch_size = getattr(model, "patch_size", None)
+  if patch_size:
+    grid = (h // patch_size, w // patch_size)
+  else:
+    grid = (math.isqrt(patches.shape[-1]),) * 2
+  if grid[0] * grid[1] != patches.shape[-1]:
+    raise ValueError(f"{patches.shape[-1]} patch tokens do not make a {grid[0]}x{grid[1]} grid.")
+  grid_map = patches.reshape(-1, *grid).astype(jnp.float32)
+  return jax.image.resize(grid_map, (grid_map.shape[0], h, w), "bilinear")
 
 
 METHODS: dict[str, Callable[..., jax.Array]] = {
@@ -353,6 +399,9 @@ def explain_batch(model: nnx.Module, images: jax.Array, targets: jax.Array, *, m
 
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and "data" in mesh.axis_names and images.shape[0] % mesh.shape["data"] == 0:
+    # check_vma=False: without it the gradient of the ViT's exact GELU (erfc) fails to trace
+    # ("Primitive polynomial requires varying manual axes to match", jax 0.12); nothing here
+    # communicates between devices, so the check has nothing to guard.
     local = jax.shard_map(local, in_specs=(P(), P("data"), P("data"), P("data")),
-                          out_specs=P("data"))
+                          out_specs=P("data"), check_vma=False)
   return local(state, images, targets, rows)

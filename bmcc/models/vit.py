@@ -6,7 +6,8 @@ register tokens, a learned absolute position embedding, pre-norm blocks (LayerNo
 multi-head attention with a fused qkv projection, LayerScale, a GELU MLP or a packed SwiGLU
 feed-forward for ViT-G, stochastic depth) and a final LayerNorm. `features` is the normalised CLS
 token (timm's pre-logits with token pooling, DINOv2's `x_norm_clstoken`); `__call__` puts a linear
-head on it.
+head on it; `attention_maps` returns every block's attention probabilities (for attention rollout,
+`bmcc.explain.methods`).
 
 Position embedding: stored for the patch grid of `image_size` (224 px -> 16 x 16 by default). An
 input of another size gets the patch part resampled bicubically exactly as DINOv2 does it (PyTorch
@@ -174,6 +175,15 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.proj(out.reshape(batch, tokens, dim))
 
+  def weights(self, x: jax.Array) -> jax.Array:
+    """The attention probabilities [B, heads, T, T] (float32; rows sum to 1) that `__call__`
+    applies to the values: softmax(q k^T / sqrt(head width)) over the keys."""
+    batch, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    q, k = qkv[:, :, 0].astype(jnp.float32), qkv[:, :, 1].astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim // self.num_heads)
+    return jax.nn.softmax(scores, axis=-1)
+
 
 class Mlp(nnx.Module):
   """fc1 -> exact (erf) GELU -> fc2."""
@@ -313,6 +323,17 @@ class VisionTransformer(nnx.Module):
     for block in self.blocks:
       x = block(x, rngs=rngs)
     return self.norm(x)[:, 0].astype(jnp.float32)
+
+  def attention_maps(self, x: jax.Array) -> jax.Array:
+    """Every block's attention [N, depth, heads, T, T] (float32) for images [N, H, W, C], in
+    inference mode (no drop-path), tokens in `tokens`' order: CLS, the `num_registers`
+    registers, then the patches row by row (`bmcc.explain.methods.attention_rollout`)."""
+    x = self.tokens(x)
+    maps = []
+    for block in self.blocks:
+      maps.append(block.attn.weights(block.norm1(x)))
+      x = block(x)
+    return jnp.stack(maps, axis=1)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Float32 logits [N, num_classes]; `rngs` feeds drop-path and dropout in train mode."""
