@@ -363,8 +363,11 @@ def main(argv: list[str]) -> int:
     return 3
   except KeyboardInterrupt:  # a signal outside the training loop's handler, e.g. during clean-up
     _ignore_further_signals()
-    print("interrupted: stopped at once; the last complete checkpoint stays valid. Rerun the "
-          "same command to resume.", file=sys.stderr)
+    hint = "rerun the same command to continue."
+    if mode == "train":
+      from bmcc import preemption
+      hint = preemption.resume_hint(os.path.join(FLAGS.workdir, "checkpoints"))
+    print(f"interrupted: stopped at once; {hint}", file=sys.stderr)
     return 3
   return 0
 
