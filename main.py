@@ -138,10 +138,42 @@ def _override_error(argv: list[str], error: Exception) -> str:
   return f"a --config.<key>=<value> override names a key the config does not have: {text}"
 
 
+def _take_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(`argv` without its --config.<key>=None overrides, those keys).
+
+  ml_collections parses an override with the type of the key's default (float('None') fails), so
+  main.py sets these keys to None itself; validation then says whether None is allowed.
+  """
+  end = argv.index("--") if "--" in argv else len(argv)
+  keys, kept = [], []
+  for i, arg in enumerate(argv):
+    match = re.fullmatch(r"--config\.([\w.]+)=None", arg) if i < end else None
+    if match:
+      keys.append(match.group(1))
+    else:
+      kept.append(arg)
+  return kept, keys
+
+
+def _set_none(config, key: str) -> None:
+  """`config.<key> = None`, or a one-line error for a key the config does not have."""
+  *parents, name = key.split(".")
+  for part in parents:
+    if part not in config:
+      fail(f"--config.{key}: the config has no key {part!r}")
+    if not hasattr(config[part], "keys"):
+      fail(f"--config.{key}: config.{part} is not a block of keys")
+    config = config[part]
+  if name not in config:
+    fail(f"--config.{key}: the config has no key {name!r}")
+  config[name] = None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with --help on stdout (exit 0) and one-line errors (exit 2).
 
   Returns the arguments left after the flags (the program name first), as absl's parser does.
+  `--config.<key>=None` sets a key to None whatever its type.
   """
   before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
   help_args = _HELP_ARGS & set(before_separator)
@@ -155,9 +187,15 @@ def parse_flags(argv: list[str]) -> list[str]:
       names = ", ".join(p for p, _ in available_configs())
       fail(f"--config {config_arg}: no such file; the configs are: {names} "
            "(python main.py --help describes them).")
+  none_keys: list[str] = []
+  if config_arg is not None:
+    argv, none_keys = _take_none_overrides(argv)
   sys.argv = argv  # ml_collections reads the --config.<key> overrides from sys.argv
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
+    for key in none_keys:
+      _set_none(FLAGS.config, key)
+    return remaining
   except flags.UnrecognizedFlagError as e:
     if config_arg is None and e.flagname.startswith("config."):
       fail(f"--{e.flagname} needs --config <file> before it: overrides change a config file "
@@ -281,6 +319,8 @@ def main(argv: list[str]) -> int:
         checked.data.fold, checked.data.num_folds = 0, config.data.num_folds or 5
       config_validation.validate(checked, FLAGS.workdir if mode != "prepare" else None,
                                  training=mode in ("train", "cross_validate"))
+      if mode == "features":  # embeds with config.pretrained: the file must be there
+        config_validation.check_files(checked)
     if mode != "predict" and FLAGS.verbosity < 1:
       log_setup.quiet_dataset_preparation()
     if mode == "prepare":
@@ -325,8 +365,11 @@ def main(argv: list[str]) -> int:
     return 3
   except KeyboardInterrupt:  # a signal outside the training loop's handler, e.g. during clean-up
     _ignore_further_signals()
-    print("interrupted: stopped at once; the last complete checkpoint stays valid. Rerun the "
-          "same command to resume.", file=sys.stderr)
+    hint = "rerun the same command to continue."
+    if mode == "train":
+      from bmcc import preemption
+      hint = preemption.resume_hint(os.path.join(FLAGS.workdir, "checkpoints"))
+    print(f"interrupted: stopped at once; {hint}", file=sys.stderr)
     return 3
   return 0
 

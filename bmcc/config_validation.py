@@ -11,14 +11,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from bmcc import models
+from bmcc import models, steps
 from bmcc.data import augment, classes, splits
-from bmcc.models import resnet, vit
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run, with what to change in its message."""
-
+from bmcc.errors import ConfigError
+from bmcc.models import pretrained, resnet, vit, weight_files
 
 # Compute dtypes the models accept (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -231,13 +227,40 @@ def _validate_schedule(config: Any) -> None:
   _check_choice(config, "final_eval_checkpoint", ("best", "latest"))
 
 
+def check_files(config: ml_collections.ConfigDict) -> None:
+  """ConfigError if a file the config names is not there: `pretrained` (a local file, or a
+  well-formed `hf-hub:` id; whether the hub has it is found when it is fetched). No file is read."""
+  source = config.get("pretrained")
+  if not source:
+    return
+  prefix = weight_files.HUB_PREFIX
+  if not source.startswith(prefix):
+    if not os.path.isfile(source):
+      raise ConfigError(f"config.pretrained={source!r}: no such file (give a .pth/.safetensors "
+                        f"file, or a hub id written {prefix}owner/repo[/file]).")
+    if not os.access(source, os.R_OK):
+      raise ConfigError(f"config.pretrained={source!r}: the file is not readable.")
+    return
+  parts = source[len(prefix):].split("/")
+  if len(parts) < 2 or not all(parts):
+    raise ConfigError(f"config.pretrained={source!r} is not of the form "
+                      f"{prefix}owner/repo[/file].")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
              training: bool = True) -> None:
   """Raises ConfigError naming the first problem found in `config` (and `workdir`).
 
   Every key of the configs in `configs/` is checked: its type and its range. `training=False`
   (evaluating a finished run) does not require the training batch size to divide over this
-  machine's devices. `workdir=None` (preparing the dataset) skips the workdir check.
+  machine's devices. `workdir=None` (preparing the dataset) skips the workdir check. In
+  training, the files the config names (`check_files`) must be there, unless the workdir has a
+  checkpoint to resume from (a resumed run does not read them).
   """
   devices = jax.device_count()
   _validate_model(config)
@@ -256,6 +279,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     parent = os.path.dirname(parent)
   if not os.access(parent, os.W_OK) or (os.path.exists(workdir) and not os.path.isdir(workdir)):
     raise ConfigError(f"The workdir {workdir!r} is not a writable folder.")
+  if training and not _has_checkpoint(workdir):
+    check_files(config)
 
 
 # Durations: (steps key, epochs key, smallest value). A `*_steps` value, when set, wins.
@@ -282,9 +307,6 @@ def _check_durations(config: Any) -> None:
 
 def _check_finetune(config: ml_collections.ConfigDict) -> None:
   """`pretrained`, `input_normalization` and `finetune.*` (see configs/default.py)."""
-  from bmcc import steps
-  from bmcc.models import pretrained
-
   _check_choice(config, "input_normalization", ("auto", "imagenet", "stain"))
   source = config.get("pretrained")
   _require(source is None or isinstance(source, str), "pretrained", source,

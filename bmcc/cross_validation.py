@@ -3,14 +3,18 @@
 `run_folds` trains and tests fold i of k into `<workdir>/fold_<i>/`, one fold after another, or
 only the folds asked for (one per SLURM array task: `--folds=$SLURM_ARRAY_TASK_ID`). A fold whose
 `eval_test.json` exists is skipped and an unfinished one resumes, so a rerun continues fold by
-fold. `summarize` writes `cv_summary.json`, `.md` and `_confusion.png` into the workdir: each
-metric's mean and standard deviation over the finished folds, and precision, recall and F1 of all
-their test predictions pooled (each image is tested in exactly one fold), with the pooled
-confusion matrix; the folds not yet finished are listed.
+fold. Each fold records the hash of its config in `fold_<i>/fold_config.json` (`config_record`:
+the config without `data.fold` and the keys that do not change the result); a rerun under another
+config is refused before any training, naming the keys that differ, so that no summary averages
+folds of different recipes. `summarize` writes `cv_summary.json`, `.md` and `_confusion.png`
+into the workdir: each metric's mean and standard deviation over the finished folds, and
+precision, recall and F1 of all their test predictions pooled (each image is tested in exactly
+one fold), with the pooled confusion matrix; the folds not yet finished are listed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +30,11 @@ from bmcc.config_validation import ConfigError
 
 DEFAULT_NUM_FOLDS = 5  # when config.data.num_folds is not set (Matek et al. 2021 used 5)
 SUMMARY = "cv_summary"
+FOLD_CONFIG = "fold_config.json"
+# Keys left out of a fold's config hash: the fold itself, where the data is on this machine, and
+# what only changes logging or where a run pauses (SLURM array tasks on other nodes agree).
+_NOT_HASHED = ("data.fold", "data.data_dir", "data.manual_dir", "data.cache_dir",
+               "stop_at_step", "log_every_steps")
 # Report entries averaged over folds (besides every top_<k>_accuracy).
 _METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",
             "weighted_f1", "expected_calibration_error", "negative_log_likelihood")
@@ -34,6 +43,52 @@ _METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", 
 def fold_dir(workdir: str, fold: int) -> str:
   """Where fold `fold` of a cross-validation in `workdir` runs: `<workdir>/fold_<fold>`."""
   return os.path.join(workdir, f"fold_{fold}")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+  if not isinstance(value, dict):
+    return {prefix[:-1]: value}
+  flat = {}
+  for key, item in value.items():
+    flat.update(_flatten(item, f"{prefix}{key}."))
+  return flat
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict:
+  """{'config_hash': SHA-256 of the canonical JSON, 'config': {dotted key: value}} of `config`
+  without the keys of `_NOT_HASHED`: the same for every fold of one cross-validation."""
+  flat = _flatten(json.loads(config.to_json_best_effort()))
+  flat = {k: v for k, v in sorted(flat.items()) if k not in _NOT_HASHED}
+  text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
+  return {"config_hash": hashlib.sha256(text.encode()).hexdigest(), "config": flat}
+
+
+def _recorded(directory: str) -> dict | None:
+  """The fold's `fold_config.json`, else a record made from the `config.json` its training wrote
+  (folds of an older bmcc), else None (a fold not started)."""
+  path = os.path.join(directory, FOLD_CONFIG)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  path = os.path.join(directory, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return config_record(ml_collections.ConfigDict(json.load(f)))
+  return None
+
+
+def check_fold_config(record: dict, directory: str) -> None:
+  """ConfigError (one line, the differing keys) if the fold in `directory` ran another config."""
+  saved = _recorded(directory)
+  if saved is None or saved["config_hash"] == record["config_hash"]:
+    return
+  ours, theirs = record["config"], saved.get("config", {})
+  keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k, "<absent>") !=
+                theirs.get(k, "<absent>"))
+  shown = "; ".join(f"{k}: {theirs.get(k, '<absent>')!r} there, {ours.get(k, '<absent>')!r} "
+                    "now" for k in keys[:8]) + ("; ..." if len(keys) > 8 else "")
+  raise ConfigError(f"{directory} was run under another config ({len(keys)} key(s) differ: "
+                    f"{shown}): rerun with the config it was made with, or use another --workdir.")
 
 
 def _fold_list(folds: Sequence[int | str] | None, num_folds: int) -> list[int]:
@@ -66,16 +121,28 @@ def run_folds(config: ml_collections.ConfigDict, workdir: str,
   if num_folds < 2:
     raise ConfigError(f"config.data.num_folds={num_folds} must be at least 2.")
   workdir = os.path.abspath(workdir)
-  for fold in _fold_list(folds, num_folds):
+  chosen = _fold_list(folds, num_folds)
+  record = config_record(_fold_config(config, 0, num_folds))
+  for fold in range(num_folds):  # every fold the summary may average, before any training
+    check_fold_config(record, fold_dir(workdir, fold))
+  for fold in chosen:
     directory = fold_dir(workdir, fold)
     if os.path.exists(os.path.join(directory, "eval_test.json")):
       logging.info("Fold %d of %d is finished (%s): skipped.", fold, num_folds, directory)
       continue
     logging.info("Cross-validation: fold %d of %d into %s.", fold, num_folds, directory)
-    fold_config = config.copy_and_resolve_references()
-    fold_config.data.fold, fold_config.data.num_folds = fold, num_folds
-    train.train_and_evaluate(fold_config, directory)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(directory, FOLD_CONFIG)):
+      os.makedirs(directory, exist_ok=True)
+      atomic_write(os.path.join(directory, FOLD_CONFIG), json.dumps(record, indent=2) + "\n")
+    train.train_and_evaluate(_fold_config(config, fold, num_folds), directory)
   return summarize(workdir, num_folds)
+
+
+def _fold_config(config: ml_collections.ConfigDict, fold: int, num_folds: int
+                 ) -> ml_collections.ConfigDict:
+  fold_config = config.copy_and_resolve_references()
+  fold_config.data.fold, fold_config.data.num_folds = fold, num_folds
+  return fold_config
 
 
 def _metric_keys(report: dict) -> list[str]:

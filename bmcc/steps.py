@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bmcc import finetune, models
-from bmcc.config_validation import ConfigError
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB, normalize_images
+from bmcc.errors import ConfigError
 from bmcc.models.pretrained import IMAGENET
 
 

@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   # (train here, eval in evaluate) so that each compiles once.
   model.train()
   try:
-    with jax.set_mesh(mesh), preemption.StopRequest(config.log_every_steps) as stop_request:
+    with jax.set_mesh(mesh), preemption.StopRequest(ckpt.directory) as stop_request:
       for step in range(start_step + 1, last_step + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = next(data.iterator)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,3 +101,56 @@ def test_evaluate_without_config_and_without_config_json_says_so(tmp_path):
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and "config.json' does not exist" in lines[0], lines
   assert "pass --config configs/<name>.py" in lines[0]
+
+
+def _keys_documented_as_none() -> list[str]:
+  """The keys of configs/default.py whose comment offers None, or whose default is None."""
+  keys, comment = [], ""
+  with open(os.path.join(helpers.REPO, "configs", "default.py")) as f:
+    for line in f:
+      text = line.strip()
+      if text.startswith("#"):
+        comment += text
+        continue
+      match = re.match(r"config\.([\w.]+) = (.*)", text)
+      if match:
+        value, _, trailing = match.group(2).partition("#")
+        if "None" in comment + trailing or value.strip() in ("None", "placeholder(str)",
+                                                              "placeholder(int)",
+                                                              "placeholder(float)",
+                                                              "placeholder(tuple)"):
+          keys.append(match.group(1))
+      comment = ""
+  return keys
+
+
+def test_every_key_documented_as_accepting_none_takes_none_on_the_command_line():
+  """`--config.KEY=None` sets None whatever the key's type (float('None') failed before)."""
+  keys = _keys_documented_as_none()
+  assert {"grad_clip_norm", "ema_decay", "data.num_folds", "data.synthetic", "pretrained",
+          "finetune.head_learning_rate", "plateau_patience", "num_train_steps"} <= set(keys)
+  script = ("import json, sys; import main; main.parse_flags(sys.argv); "
+            "print(json.dumps({k: eval('main.FLAGS.config.' + k) for k in " + repr(keys) + "}))")
+  args = ["--config", "configs/default.py", "--config.batch_size=8",
+          *[f"--config.{key}=None" for key in keys]]
+  result = subprocess.run([sys.executable, "-c", script, *args], cwd=helpers.REPO,
+                          env=helpers.cli_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout) == dict.fromkeys(keys)
+  # A key the config does not have is still one error line; None then meets validation.
+  unknown = _main("--config", "configs/tiny.py", "--workdir", "w", "--config.grad_clip=None")
+  assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
+      "error: --config.grad_clip: the config has no key 'grad_clip'"]
+
+
+@pytest.mark.parametrize("mode", ["train", "features"])
+def test_a_missing_pretrained_file_fails_before_data_work_and_creates_no_folder(tmp_path, mode):
+  workdir, cache = tmp_path / "w", tmp_path / "never"
+  result = _main("--config", "configs/dinobloom_s_probe.py", "--workdir", str(workdir),
+                 f"--mode={mode}", f"--config.pretrained={tmp_path / 'missing.pth'}",
+                 f"--config.data.data_dir={cache}", f"--config.data.manual_dir={cache}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.splitlines() == [
+      f"error: config.pretrained='{tmp_path / 'missing.pth'}': no such file (give a "
+      ".pth/.safetensors file, or a hub id written hf-hub:owner/repo[/file])."]
+  assert not workdir.exists() and not cache.exists()  # no folder, no data work

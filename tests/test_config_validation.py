@@ -6,8 +6,10 @@ command line fails with one line (exit status 2) instead of deep in data prepara
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
+import os
 
 import ml_collections
 import pytest
@@ -175,3 +177,33 @@ def test_run_config_errors_say_to_pass_config(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(config_validation.ConfigError, match="pass --config"):
     run_config.load_run_config(str(tmp_path))
+
+
+def test_config_error_has_a_module_of_its_own_so_steps_does_not_import_validation():
+  """bmcc.steps raises ConfigError and bmcc.config_validation uses bmcc.steps: no cycle."""
+  from bmcc import errors  # noqa: PLC0415
+
+  assert config_validation.ConfigError is errors.ConfigError  # the re-export still works
+  with open(os.path.join(os.path.dirname(errors.__file__), "steps.py")) as f:
+    tree = ast.parse(f.read())
+  imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+  imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+  assert "bmcc.errors" in imported
+  assert not any("config_validation" in name for name in imported), imported
+
+
+def test_a_missing_pretrained_file_is_a_config_error_unless_the_run_resumes(tmp_path):
+  config = _config("dinobloom_s_probe")
+  config.pretrained = str(tmp_path / "missing.pth")
+  with pytest.raises(config_validation.ConfigError, match=r"config.pretrained=.*missing.pth': no "
+                     "such file"):
+    config_validation.validate(config, str(tmp_path / "w"))
+  config.pretrained = "hf-hub:owner"
+  with pytest.raises(config_validation.ConfigError, match="not of the form hf-hub:owner/repo"):
+    config_validation.validate(config, str(tmp_path / "w"))
+  # Evaluating a finished run does not read the file; resuming (a checkpoint there) does not.
+  config.pretrained = str(tmp_path / "missing.pth")
+  config_validation.validate(config, str(tmp_path / "w"), training=False)
+  os.makedirs(tmp_path / "w" / "checkpoints" / "40")
+  config_validation.validate(config, str(tmp_path / "w"))

@@ -49,6 +49,12 @@ def _start(workdir: str, overrides: list[str], **popen) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def _events_size(workdir: str) -> int:
+  """Bytes of TensorBoard events written so far (process 0 writes them)."""
+  return sum(os.path.getsize(os.path.join(workdir, n)) for n in os.listdir(workdir)
+             if n.startswith("events"))
+
+
 def _training_started(workdir: str) -> bool:
   """The first scalars are written once training runs."""
   return os.path.isdir(workdir) and any(n.startswith("events") for n in os.listdir(workdir))
@@ -89,26 +95,41 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resumes(tmp_path, ca
     assert result.returncode == 2 and "data_workers=2" in result.stderr, result.stderr[-2000:]
 
 
+def _two_signals_at_once(proc: subprocess.Popen) -> None:
+  """SIGINT and SIGTERM delivered together (the process stopped meanwhile): Python runs the
+  SIGINT handler, then at once the SIGTERM one, before the loop can act on the first. So the
+  second-signal path is taken, deterministically, before any stop checkpoint."""
+  proc.send_signal(signal.SIGSTOP)
+  try:
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_a_second_signal_stops_at_once_with_status_3(tmp_path, cache_dir):
   workdir = str(tmp_path / "w")
   overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
-               "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000"]
+               "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
   proc = _start(workdir, overrides, env=helpers.cli_env())
   try:
     _wait_for(lambda: _training_started(workdir), 240, proc)
     time.sleep(3)  # in the training loop
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # two signals at once are delivered to Python as one
-    proc.send_signal(signal.SIGINT)
+    _two_signals_at_once(proc)
     _, stderr = proc.communicate(timeout=120)
   finally:
     proc.kill()
   assert proc.returncode == 3, stderr[-2000:]
-  # Wherever the second signal lands (the step, the stop checkpoint's write, the interpreter's
-  # shutdown), one `interrupted:` line and status 3, never a KeyboardInterrupt traceback. A save
-  # it cuts short is abandoned (orbax may log that); the last complete checkpoint stays valid.
-  assert "interrupted: " in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+  # The second signal stopped the run before the stop checkpoint (without that path the first
+  # signal's stop would save one and say 'Stopped by SIGINT at step ...'); no checkpoint existed,
+  # and the message says so instead of promising one. One line, never a KeyboardInterrupt.
+  lines = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+  assert lines == ["interrupted: Second signal SIGTERM: stopped at once; no checkpoint was "
+                   "written yet: rerun the same command to start the run again."], stderr[-2000:]
+  assert "KeyboardInterrupt" not in stderr and "Stopped by" not in stderr
+  assert _checkpoint_steps(workdir) == []
 
 
 @pytest.mark.slow
@@ -254,24 +275,53 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
-  """Only process 1 is signalled; the processes agree on the stop step (every log step), both
-  checkpoint there and exit 3 instead of one waiting in a collective for the other."""
+def test_sigterm_to_one_of_two_processes_stops_both_at_once_and_a_second_signal_hangs_none(
+    tmp_path, cache_dir):
+  """Only process 1 is signalled, with log steps 1,000 apart: the processes agree within
+  preemption.SYNC_SECONDS, not at the next log step, both checkpoint at the same step and exit 3.
+  Resumed, two signals at once to process 1: it exits at once and process 0, which waits for it
+  in a collective, follows within seconds instead of hanging."""
   workdir, port = str(tmp_path / "w"), _free_port()
   overrides = [f"--config.data.cache_dir={cache_dir}", "--config.num_train_steps=100000",
-               "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
-               "--config.log_every_steps=2"]
+               "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000",
+               "--config.log_every_steps=1000"]
   procs = [_start(workdir, overrides, env=_process_env(port, index)) for index in range(2)]
   try:
     _wait_for(lambda: _training_started(workdir), 300, procs[0])
     time.sleep(3)
+    signalled = time.time()
     procs[1].send_signal(signal.SIGTERM)
     errs = [p.communicate(timeout=180)[1] for p in procs]
+    stopped_after = time.time() - signalled
   finally:
     for p in procs:
       p.kill()
   assert [p.returncode for p in procs] == [3, 3], [e[-2000:] for e in errs]
   steps = [int(e.split("Stopped by ")[1].split(" at step ")[1].split()[0]) for e in errs]
-  assert steps[0] == steps[1] and steps[0] % 2 == 0, steps
+  assert steps[0] == steps[1] and steps[0] % 1000 != 0, steps  # not at a log step
   assert "Stopped by SIGTERM" in errs[1] and "a signal to another process" in errs[0]
+  assert _checkpoint_steps(workdir) == [steps[0]]
+  assert stopped_after < 60, stopped_after  # agreement, checkpoint and exit
+
+  # Resumed with a metric line per step (logging no longer paces the agreement): once process 0
+  # writes scalars, both are in the loop.
+  port, before = _free_port(), _events_size(workdir)
+  overrides[-1] = "--config.log_every_steps=1"
+  procs = [_start(workdir, overrides, env=_process_env(port, index)) for index in range(2)]
+  try:
+    _wait_for(lambda: _events_size(workdir) > before, 300, procs[0])
+    time.sleep(1)
+    _two_signals_at_once(procs[1])
+    signalled = time.time()
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    exited_after = time.time() - signalled
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [3, 3], [e[-2000:] for e in errs]
+  hint = (f"stopped at once; the last complete checkpoint (step {steps[0]}) stays valid. Rerun "
+          "the same command to resume.")
+  assert f"interrupted: Second signal SIGTERM: {hint}" in errs[1], errs[1][-2000:]
+  assert f"interrupted: A second signal to process 1: {hint}" in errs[0], errs[0][-2000:]
+  assert exited_after < 30, exited_after
   assert _checkpoint_steps(workdir) == [steps[0]]

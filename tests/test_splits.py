@@ -141,6 +141,28 @@ def test_same_split_from_every_layout_and_zip(tmp_path):
   assert all(value == first for value in found.values())
 
 
+def test_golden_split_and_folds_of_a_fixed_file_set():
+  """The assignment is the same on every machine and Python: pinned stems per split and fold.
+
+  SHA-256 of the stem fixes the order; Python's salted `hash()` would change it with
+  PYTHONHASHSEED (and fail here), and so would any change of the salt or the rounding rule."""
+  names = _names({"ABE": 8, "KSC": 12})
+  codes = [n[:3] for n in names]
+
+  def stems(parts, part) -> list[str]:
+    return [splits.file_stem(n) for n, p in zip(names, parts, strict=True) if p == part]
+
+  parts = splits.assign_splits(names, codes)
+  assert stems(parts, "validation") == ["ABE_00008", "KSC_00008"]
+  assert stems(parts, "test") == ["ABE_00006", "KSC_00003"]
+  assert len(stems(parts, "train")) == 16
+  folds = splits.assign_folds(names, codes, 3)
+  assert [stems(folds, k) for k in range(3)] == [
+      ["ABE_00002", "ABE_00006", "ABE_00007", "KSC_00001", "KSC_00003", "KSC_00004", "KSC_00005"],
+      ["ABE_00003", "ABE_00005", "KSC_00002", "KSC_00009", "KSC_00011", "KSC_00012"],
+      ["ABE_00001", "ABE_00004", "ABE_00008", "KSC_00006", "KSC_00007", "KSC_00008", "KSC_00010"]]
+
+
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.1, 0.05), (0.5, 0.5, 0.5),
                                        (1.2, -0.1, -0.1), (0.25, 0.25, 0.25, 0.25)])
 def test_invalid_fractions_raise(fractions):
@@ -210,7 +232,9 @@ def test_dinobloom_protocol_through_the_prepared_dataset(tmp_path):
   roles = {r: splits.Selection(r, protocol="dinobloom").keep(names, labels)
            for r in splits.SPLITS}
   assert {splits.file_stem(n) for n in names[roles["test"]]} == expected_test
-  assert (roles["train"] ^ roles["validation"] ^ roles["test"]).all()
+  # Every file in exactly one split (an XOR of the three would also pass a file in all three).
+  in_splits = sum(roles[r].astype(int) for r in splits.SPLITS)
+  assert in_splits.tolist() == [1] * len(names)
   # Validation: 10% of the other files per class (ABE 7 -> 1, KSC 34 -> 3, EOS 7 -> 1).
   validation_codes = sorted(n[:3] for n in names[roles["validation"]])
   assert validation_codes == ["ABE", "EOS", "KSC", "KSC", "KSC"]
@@ -309,6 +333,45 @@ def test_run_folds_refuses_bad_folds_and_protocols_and_can_only_summarise(tmp_pa
     cross_validation.run_folds(config, str(tmp_path))
 
 
+def test_a_fold_finished_under_another_config_is_refused_naming_the_keys(tmp_path):
+  """Fold records are compared before any training: other recipes are never averaged."""
+  config = tiny.get_config()
+  config.data.num_folds = 3
+  for fold in (0, 2):
+    _write_fold_report(tmp_path, fold, 3, FOLD_MATRICES[fold])
+    fold_config = config.copy_and_resolve_references()
+    fold_config.data.fold = fold
+    record = cross_validation.config_record(fold_config)
+    with open(os.path.join(cross_validation.fold_dir(str(tmp_path), fold), "fold_config.json"),
+              "w") as f:
+      json.dump(record, f)
+  # The fold, where the data is, and where a run pauses are not part of the recipe.
+  config.data.cache_dir, config.stop_at_step = str(tmp_path / "elsewhere"), 7
+  summary = cross_validation.run_folds(config, str(tmp_path), folds=[])
+  assert summary["folds_finished"] == [0, 2]
+  other = config.copy_and_resolve_references()
+  other.learning_rate, other.data.balance_alpha = 0.5, 0.25
+  with pytest.raises(config_validation.ConfigError) as error:
+    cross_validation.run_folds(other, str(tmp_path), folds=["1"])
+  message = str(error.value)
+  assert message == (
+      f"{cross_validation.fold_dir(str(tmp_path), 0)} was run under another config (2 key(s) "
+      f"differ: data.balance_alpha: {config.data.balance_alpha!r} there, 0.25 now; learning_rate: "
+      f"{config.learning_rate!r} there, 0.5 now): rerun with the config it was made with, or use "
+      "another --workdir.")
+  assert not os.path.exists(cross_validation.fold_dir(str(tmp_path), 1))  # nothing was started
+  # A fold of an older bmcc has no record: the config.json its training wrote is compared.
+  os.remove(os.path.join(cross_validation.fold_dir(str(tmp_path), 2), "fold_config.json"))
+  os.remove(os.path.join(cross_validation.fold_dir(str(tmp_path), 0), "fold_config.json"))
+  older = config.copy_and_resolve_references()
+  older.data.fold, older.seed = 2, 11
+  with open(os.path.join(cross_validation.fold_dir(str(tmp_path), 2), "config.json"), "w") as f:
+    f.write(older.to_json_best_effort())
+  with pytest.raises(config_validation.ConfigError, match=r"fold_2 was run under another config "
+                     r"\(1 key\(s\) differ: seed: 11 there, 0 now\)"):
+    cross_validation.run_folds(config, str(tmp_path), folds=[])
+
+
 @pytest.mark.slow
 def test_run_folds_end_to_end_on_tiny(tmp_path):
   """Two folds of configs/tiny.py, 4 steps each; then main.py resumes: both folds skipped."""
@@ -342,7 +405,9 @@ def test_run_folds_end_to_end_on_tiny(tmp_path):
   os.remove(os.path.join(workdir, "cv_summary.json"))
   result = subprocess.run(
       helpers.main_command("tiny.py", workdir, "--mode=cross_validate", "--folds=1",
-                           "--config.data.num_folds=2",
+                           "--config.data.num_folds=2", "--config.num_train_steps=4",
+                           "--config.warmup_steps=1", "--config.eval_every_steps=4",
+                           "--config.checkpoint_every_steps=4",
                            f"--config.data.cache_dir={config.data.cache_dir}"),
       cwd=helpers.REPO, env=helpers.cli_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -177,8 +178,18 @@ def train_dataset(source, *, mapping: ClassMapping, image_size: int, batch_size:
       num_threads=read_threads, prefetch_buffer_size=max(read_threads, READ_AHEAD_BATCHES)))
   if num_workers > 0:
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=READ_AHEAD_BATCHES))
+        num_workers=num_workers, per_worker_buffer_size=READ_AHEAD_BATCHES),
+        worker_init_fn=_ignore_stop_signals)
   return ids
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: SIGTERM/SIGINT sent to the whole process group (SLURM, Ctrl-C) are
+  the main process's to handle (checkpoint, then close the iterator, which ends the workers);
+  a worker killed by them would fail the main process's next batch instead."""
+  del worker_index, worker_count
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, signal.SIG_IGN)
 
 
 class _Lookup:
