@@ -223,6 +223,19 @@ def _initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _check_export_extra(what: str, modules: tuple[str, ...]) -> None:
+  """Exit 2 naming the extra to install when one of `modules` is not installed."""
+  import importlib.util
+
+  for module in modules:
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+      found = False
+    if not found:
+      fail(f"{what} needs {module}, which is not installed: pip install 'bmcc[export]'.")
+
+
 def _check_usage(mode: str, paths: list[str]) -> None:
   """One-line errors (exit 2) for a command line that cannot work in `mode`."""
   if mode == "predict" and not paths:
@@ -236,7 +249,10 @@ def _check_usage(mode: str, paths: list[str]) -> None:
       fail(f"--model is for --mode=predict (got --mode={mode}).")
     if not FLAGS.model.endswith(".onnx"):
       fail(f"--model={FLAGS.model}: give a .onnx file written by --mode=export.")
+    _check_export_extra(f"--model={FLAGS.model}", ("onnxruntime",))
     return
+  if mode == "export" and "onnx" in FLAGS.format:
+    _check_export_extra("--format=onnx", ("onnx", "jax2onnx"))
   if mode != "prepare" and FLAGS.workdir is None:
     what = "write the run into" if mode == "train" else "read the training run from"
     fail(f"--mode={mode} needs --workdir (the folder to {what}).")

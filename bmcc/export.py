@@ -82,6 +82,15 @@ def _test_report(workdir: str) -> dict | None:
     return json.load(f)
 
 
+def _synthetic_data(workdir: str) -> bool:
+  """Whether the run's config.json says it trained on bmcc's synthetic dataset (the demo)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return bool(json.load(f).get("data", {}).get("synthetic"))
+  except (OSError, ValueError):
+    return False
+
+
 def export_metadata(meta: dict, step: int, workdir: str, checkpoint: str = "best") -> dict:
   """What travels with the exported model (JSON-serialisable)."""
   report = _test_report(workdir)
@@ -108,6 +117,7 @@ def export_metadata(meta: dict, step: int, workdir: str, checkpoint: str = "best
       "checkpoint": checkpoint,
       "step": int(step),
       "weights": "weight average (EMA)" if meta.get("ema_decay") else "model",
+      "data": "synthetic (bmcc.synthetic)" if _synthetic_data(workdir) else "bone marrow",
       "protocol": meta.get("protocol"),
       "fold": meta.get("fold"),
       "num_folds": meta.get("num_folds"),
@@ -172,6 +182,13 @@ def model_card(metadata: dict) -> str:
                          enumerate(zip(m["classes"], m["class_names"], strict=True)))
   mean, std = m["normalization"]["mean"], m["normalization"]["std"]
   size = m["image_size"]
+  fold = "" if m["fold"] is None else f" (fold {m['fold']} of {m['num_folds']})"
+  if m["data"].startswith("synthetic"):
+    data = ("bmcc's **synthetic** demo dataset (drawn cells in the real on-disk layout): this "
+            "model has never seen a real cell and is for trying the tools only.")
+  else:
+    data = ("single-cell bone-marrow smear images in the layout of Matek et al. (Blood 2021; "
+            "250 x 250 px crops, May-Grünwald-Giemsa stain).")
   return f"""# Model card: bmcc {m['model']} ({len(m['classes'])} bone-marrow cell classes)
 
 Exported by bmcc {m['bmcc_version']} on {m['exported']} from the {m['checkpoint']} checkpoint
@@ -179,10 +196,8 @@ Exported by bmcc {m['bmcc_version']} on {m['exported']} from the {m['checkpoint'
 
 ## Data and protocol
 
-Trained on single-cell bone-marrow smear images in the layout of Matek et al. (Blood 2021; 250 x 250
-px crops, May-Grünwald-Giemsa stain), with bmcc's `{m['protocol']}` split
-(fold {m['fold']} of {m['num_folds']} when cross-validated). The split is by **image**, not by
-patient: images of one patient can be in training and test.
+Trained on {data} Split: bmcc's `{m['protocol']}` protocol{fold}. The split is by **image**, not
+by patient: images of one patient can be in training and test.
 
 ## Test metrics
 

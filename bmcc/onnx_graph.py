@@ -85,6 +85,12 @@ def convert(fn: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct, na
   (batch,) = jax.export.symbolic_shape("N")
   closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *spec.shape[1:]), spec.dtype))
 
+  missing = _unsupported(closed.jaxpr)
+  if missing:
+    raise ConfigError(f"ONNX export: jax2onnx {_version()} has no conversion for the operation"
+                      f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                      "--format=stablehlo exports this model.")
+
   def traced(images: jax.Array) -> jax.Array:
     return _eval_inlined(closed.jaxpr, closed.consts, [images], {batch: images.shape[0]})[0]
 
@@ -111,6 +117,29 @@ def convert(fn: Callable[[jax.Array], jax.Array], spec: jax.ShapeDtypeStruct, na
 # with jax 0.12 (it looks for `jax._src.core.ClosedJaxpr`, which jax 0.12 moved).
 _INLINED = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
             "custom_vjp_call_jaxpr", "remat", "checkpoint"}
+
+
+def _primitives(jaxpr) -> set[str]:
+  """The names of the primitives `_eval_inlined` binds for `jaxpr` (call bodies inlined)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    body = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr")
+                 if k in eqn.params), None)
+    if eqn.primitive.name in _INLINED and body is not None:
+      names |= _primitives(getattr(body, "jaxpr", body))
+    elif not (eqn.primitive.name == "reduce_window_max" and _is_2d_pool(eqn.params)):
+      names.add(eqn.primitive.name)
+  return names
+
+
+def _unsupported(jaxpr) -> list[str]:
+  """The primitives of `jaxpr` for which jax2onnx has no plugin (sorted)."""
+  try:
+    from jax2onnx.plugins import plugin_system
+  except ImportError:  # a jax2onnx without this module: its own error will say it
+    return []
+  plugin_system.import_all_plugins()
+  return sorted(_primitives(jaxpr) - set(plugin_system.PLUGIN_REGISTRY))
 
 
 def _is_2d_pool(params: dict) -> bool:
