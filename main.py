@@ -251,6 +251,8 @@ def _check_usage(mode: str, paths: list[str]) -> None:
       fail(f"--model={FLAGS.model}: give a .onnx file written by --mode=export.")
     _check_export_extra(f"--model={FLAGS.model}", ("onnxruntime",))
     return
+  if mode == "export" and (not FLAGS.format or set(FLAGS.format) - {"onnx", "stablehlo"}):
+    fail(f"--format={','.join(FLAGS.format)}: use onnx, stablehlo or onnx,stablehlo.")
   if mode == "export" and "onnx" in FLAGS.format:
     _check_export_extra("--format=onnx", ("onnx", "jax2onnx"))
   if mode != "prepare" and FLAGS.workdir is None:
