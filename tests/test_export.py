@@ -107,6 +107,21 @@ def test_stablehlo_round_trip_is_exact(converted, tmp_path):
     assert json.load(f) == {"classes": ["A"]}
 
 
+def test_a_bfloat16_model_is_exported_computing_in_float32():
+  """ONNX Runtime's CPU kernels lack bfloat16 convolutions: the graph of a bfloat16 ResNet is
+  the float32 computation with the same weights."""
+  name, model_config, size = MODELS["resnet"]
+  bf16 = _random_model(name, {**model_config, "dtype": "bfloat16"})
+  f32 = export.probability_fn(_random_model(name, model_config))
+  model = onnx_graph.convert(export.probability_fn(export.float32_copy(bf16)),
+                             export.input_spec(size, 1))
+  session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+  images = _images(3, size, seed=5)
+  got = session.run(None, {"images": images})[0]
+  assert np.abs(got - export.reference_probabilities(f32, images)).max() <= 1e-4
+  assert bf16.compute_dtype == jnp.bfloat16  # the copy changed, not the model
+
+
 def test_an_unsupported_operation_is_named_in_one_line():
   def min_pool(images):  # reduce_window_min: no jax2onnx plugin
     x = jax.lax.reduce_window(images.astype(jnp.float32), jnp.inf, jax.lax.min, (1, 2, 2, 1),
@@ -147,7 +162,7 @@ def test_export_writes_the_files_with_metadata(exported):
   props = {p.key: p.value for p in onnx.load(written["onnx"]).metadata_props}
   meta = json.loads(props["bmcc"])
   with open(written["stablehlo"] + ".json") as f:
-    assert json.load(f) == meta
+    assert json.load(f) == meta  # float32 both (the ONNX graph computes in float32 always)
   assert meta["classes"] == list(classes.CODES)
   assert meta["class_names"] == [classes.NAMES[c] for c in classes.CODES]
   assert (meta["image_size"], meta["step"], meta["protocol"]) == (test_predict.IMAGE_SIZE, 3,
