@@ -5,6 +5,8 @@
   python main.py --workdir runs/demo --mode=predict cell.jpg cells/
   python main.py --config configs/default.py --mode=prepare                  # only the dataset
   python main.py --config configs/dinobloom_s_probe.py --workdir runs/dbs --mode=features  # probes
+  python main.py --workdir runs/demo --mode=export                          # ONNX, StableHLO, card
+  python main.py --mode=predict --model=runs/demo/export/model.onnx cells/  # no JAX, no workdir
 
 --mode=evaluate and --mode=predict read the configuration the training run saved in
 <workdir>/config.json unless --config is given. Override any config value with
@@ -29,7 +31,8 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(REPO, "configs")
-MODES = ("train", "evaluate", "predict", "explain", "prepare", "cross_validate", "features")
+MODES = ("train", "evaluate", "predict", "explain", "prepare", "cross_validate", "features",
+         "export")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -41,7 +44,8 @@ flags.DEFINE_enum("mode", "train", list(MODES),
                   "train (resumes from --workdir), evaluate a checkpoint, predict the image files "
                   "and folders given as arguments, prepare the dataset, cross_validate (every "
                   "fold into <workdir>/fold_<i>, then cv_summary.json), or features (embed every "
-                  "split with the pretrained backbone, then linear and kNN probes).")
+                  "split with the pretrained backbone, then linear and kNN probes), or export "
+                  "(the best checkpoint as ONNX and StableHLO with a model card).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"],
                   "Split for --mode=evaluate, and for --mode=explain without image arguments.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
@@ -61,7 +65,13 @@ flags.DEFINE_string("method", None,
 flags.DEFINE_string("target", None,
                     "--mode=explain: explain this class code instead of the predicted class.")
 flags.DEFINE_string("output_dir", None,
-                    "--mode=explain: output folder (default <workdir>/explain/<date-time>).")
+                    "--mode=explain: output folder (default <workdir>/explain/<date-time>); "
+                    "--mode=export: default <workdir>/export.")
+flags.DEFINE_list("format", ["onnx", "stablehlo"],
+                  "--mode=export: onnx, stablehlo or both (onnx needs pip install 'bmcc[export]').")
+flags.DEFINE_string("model", None, "--mode=predict: an exported model.onnx to run with ONNX "
+                    "Runtime instead of a workdir's checkpoint (needs pip install 'bmcc[export]'; "
+                    "no JAX).")
 flags.DEFINE_integer("num_examples", 24, "--mode=explain without image arguments: explain this "
                      "many examples of --split (commonest confusions, then each class).")
 
@@ -253,6 +263,19 @@ def _initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _check_export_extra(what: str, modules: tuple[str, ...]) -> None:
+  """Exit 2 naming the extra to install when one of `modules` is not installed."""
+  import importlib.util
+
+  for module in modules:
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+      found = False
+    if not found:
+      fail(f"{what} needs {module}, which is not installed: pip install 'bmcc[export]'.")
+
+
 def _check_usage(mode: str, paths: list[str]) -> None:
   """One-line errors (exit 2) for a command line that cannot work in `mode`."""
   if mode == "predict" and not paths:
@@ -261,6 +284,17 @@ def _check_usage(mode: str, paths: list[str]) -> None:
   if mode not in ("predict", "explain") and paths:
     fail(f"--mode={mode} takes no arguments, got {' '.join(paths)!r} (only --mode=predict and "
          "--mode=explain take image files and folders; flags are written --name=value).")
+  if FLAGS.model is not None:
+    if mode != "predict":
+      fail(f"--model is for --mode=predict (got --mode={mode}).")
+    if not FLAGS.model.endswith(".onnx"):
+      fail(f"--model={FLAGS.model}: give a .onnx file written by --mode=export.")
+    _check_export_extra(f"--model={FLAGS.model}", ("onnxruntime",))
+    return
+  if mode == "export" and (not FLAGS.format or set(FLAGS.format) - {"onnx", "stablehlo"}):
+    fail(f"--format={','.join(FLAGS.format)}: use onnx, stablehlo or onnx,stablehlo.")
+  if mode == "export" and "onnx" in FLAGS.format:
+    _check_export_extra("--format=onnx", ("onnx", "jax2onnx"))
   if mode != "prepare" and FLAGS.workdir is None:
     what = "write the run into" if mode == "train" else "read the training run from"
     fail(f"--mode={mode} needs --workdir (the folder to {what}).")
@@ -292,6 +326,23 @@ def _predict(config, paths: list[str]) -> int:
   return status
 
 
+def _predict_onnx(paths: list[str]) -> int:
+  """--mode=predict --model=FILE.onnx: ONNX Runtime, without JAX or a workdir."""
+  from bmcc import onnx_predict
+
+  files = onnx_predict.predict.collect_images(paths)
+  stdout = _LineCounter(sys.stdout)
+  try:
+    status = onnx_predict.predict_paths(FLAGS.model, paths, top_k=FLAGS.top_k, tta=FLAGS.tta,
+                                        output_csv=FLAGS.output_csv, stdout=stdout)
+  except onnx_predict.OnnxPredictError as e:
+    fail(str(e))
+  if files:
+    print(f"predicted {stdout.lines} of {len(files)} file(s); {len(files) - stdout.lines} failed",
+          file=sys.stderr, flush=True)
+  return status
+
+
 def main(argv: list[str]) -> int:
   mode = FLAGS.mode
   paths = argv[1:]
@@ -299,6 +350,8 @@ def main(argv: list[str]) -> int:
   # Before TensorFlow and JAX are imported (their C++ logs read the environment once).
   from bmcc import log_setup
   log_setup.configure(FLAGS.verbosity, own_info=mode != "predict")
+  if FLAGS.model is not None:  # before anything that imports JAX
+    return _predict_onnx(paths)
 
   from bmcc import config_validation, run_config
   from bmcc.data import discovery
@@ -342,6 +395,10 @@ def main(argv: list[str]) -> int:
       cross_validation.run_folds(config, FLAGS.workdir, folds=FLAGS.folds)
     elif mode == "predict":
       return _predict(config, paths)
+    elif mode == "export":
+      from bmcc import export
+      export.export_workdir(FLAGS.workdir, formats=tuple(FLAGS.format),
+                            output_dir=FLAGS.output_dir, checkpoint=FLAGS.checkpoint)
     elif mode == "features":
       from bmcc import features
       features.features_and_probes(config, FLAGS.workdir)

@@ -3,6 +3,7 @@
   python bench/predict.py                                   # demo config, a fresh random model
   python bench/predict.py --config configs/default.py --num_images 2048 --tta
   python bench/predict.py --workdir runs/demo               # the checkpoint of a real run
+  python bench/predict.py --config configs/resnet50.py --num_images 128 --batch_size 32 --repeats 2
 
 Writes `--num_images` synthetic 250 x 250 JPEGs (all 21 classes in turn) into a temporary folder.
 Without `--workdir` it builds the config's model (random weights) and saves it as a checkpoint in
@@ -11,6 +12,13 @@ a temporary workdir. It warms up (compilation) on one batch of the files, then t
 pool, padded batches on the device mesh, JSON lines (to /dev/null). For orientation it also times
 decoding alone and the model alone. Each measurement is the fastest of `--repeats`. The last line
 is `images_per_second=<float>`.
+
+With the export extra installed (onnxruntime, jax2onnx) it also exports the model to ONNX
+(`bmcc.export`) and times ONNX Runtime on the CPU the same two ways, in the same run:
+`onnx_model_only_images_per_second` (the same batch through the session) and
+`onnx_images_per_second` (`bmcc.onnx_predict.predict_paths` over the folder: session load, decoding,
+inference, JSON lines). `--noonnx` skips it. bench/predict_torch.py gives PyTorch's figure for
+torchvision's ResNet-50 on the same images.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ flags.DEFINE_integer("batch_size", None, "Batch size (default: config.eval_batch
 flags.DEFINE_bool("tta", False, "Average over the 8 rotations/flips of each image.")
 flags.DEFINE_integer("threads", None, "Decoding threads (default: the CPU count).")
 flags.DEFINE_integer("repeats", 3, "Timed runs of each measurement; the fastest is reported.")
+flags.DEFINE_bool("onnx", True, "Also time ONNX Runtime (CPU) on the exported model, when the "
+                  "export extra is installed.")
 
 
 def _write_images(folder: str, n: int) -> list[str]:
@@ -71,6 +81,44 @@ def _save_model(config, workdir: str) -> None:
             data_iterator=iter(grain.MapDataset.range(1).to_iter_dataset()),
             metadata=checkpointing.run_metadata(config, mapping.codes))
   ckpt.close()
+
+
+def _time_onnx(workdir: str, tmp: str, folder: str, paths: list[str], decoded, batch_size: int
+               ) -> list[str]:
+  """ONNX Runtime's model-only and end-to-end rates (output lines), or why there are none."""
+  try:
+    import onnxruntime as ort
+
+    from bmcc import export, onnx_predict
+  except ImportError as e:
+    return [f"onnx: skipped ({e}; pip install 'bmcc[export]')"]
+  import numpy as np
+
+  start = time.time()
+  path = export.export_workdir(workdir, formats=("onnx",), output_dir=os.path.join(tmp, "export"))[
+      "onnx"]
+  print(f"exported ONNX in {time.time() - start:.1f} s", flush=True)
+  session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  images = np.stack([item.image for item in decoded])
+  session.run(None, {"images": images})
+  runs = max(1, len(paths) // len(images))
+  model_seconds = []
+  for _ in range(FLAGS.repeats):
+    start = time.time()
+    for _ in range(runs):
+      session.run(None, {"images": images})
+    model_seconds.append(time.time() - start)
+  kwargs = {"batch_size": batch_size, "tta": FLAGS.tta, "num_threads": FLAGS.threads}
+  times = []
+  with open(os.devnull, "w") as null:
+    for _ in range(FLAGS.repeats):
+      start = time.time()
+      assert onnx_predict.predict_paths(path, [folder], stdout=null, **kwargs) == 0
+      times.append(time.time() - start)
+  return [f"onnx_runtime={ort.__version__} intra_op_threads=default",
+          f"onnx_model_only_images_per_second={runs * len(images) / min(model_seconds):.1f}",
+          f"onnx_predict_paths_seconds={min(times):.2f} (load, decode, infer, write {len(paths)})",
+          f"onnx_images_per_second={len(paths) / min(times):.1f}"]
 
 
 def main(argv: list[str]) -> None:
@@ -136,10 +184,14 @@ def main(argv: list[str]) -> None:
         times.append(time.time() - start)
         assert status == 0
     seconds = min(times)
+    onnx_lines = _time_onnx(workdir, tmp, folder, paths, decoded[:batch], batch_size) if (
+        FLAGS.onnx) else []
     print(f"device={jax.devices()[0].device_kind} x{jax.device_count()} model={meta['model']} "
           f"image_size={size} batch={batch} tta={FLAGS.tta} threads={threads}")
     print(f"decode_only_images_per_second={decode_rate:.1f}")
     print(f"model_only_images_per_second={model_rate:.1f}")
+    for line in onnx_lines:
+      print(line)
     print(f"predict_paths_seconds={seconds:.2f} (restore, decode, infer, write {len(paths)})")
     print(f"images_per_second={len(paths) / seconds:.1f}")
 

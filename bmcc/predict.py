@@ -21,7 +21,9 @@ while the device runs the previous batch; batches are padded to one fixed size, 
 compilation per run. With `tta=True` the probabilities are averaged over the 8 rotations and flips
 of each image (`dihedral_average`), the symmetries the training augmentation samples from.
 
-Prediction runs in one process, over the mesh of its local devices.
+Prediction runs in one process, over the mesh of its local devices. JAX and the checkpoint code are
+imported inside `predict_paths` only: the file handling here also serves `bmcc.onnx_predict`,
+which runs without JAX.
 """
 
 from __future__ import annotations
@@ -36,16 +38,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
-import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from bmcc import checkpointing, config_validation, steps
 from bmcc.data import classes
 from bmcc.data.decode import read_image
 from bmcc.parallel import ordered_map
@@ -193,7 +190,7 @@ class _Writer:
       })
 
 
-def _run_batches(items: Iterator[_Item], *, predict_fn: Callable[[np.ndarray], jax.Array],
+def _run_batches(items: Iterator[_Item], *, predict_fn: Callable[[np.ndarray], Any],
                  batch_size: int, image_size: int, writer: _Writer, stderr: TextIO) -> int:
   """Feeds the decoded items through the model; returns the number of failed files.
 
@@ -204,16 +201,16 @@ def _run_batches(items: Iterator[_Item], *, predict_fn: Callable[[np.ndarray], j
   failures = 0
   entries: list[_Item] = []
   images: list[np.ndarray] = []
-  in_flight: tuple[list[_Item], jax.Array | None] | None = None
+  in_flight: tuple[list[_Item], Any] | None = None
 
-  def dispatch() -> jax.Array | None:
+  def dispatch() -> Any:
     if not images:
       return None
     batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     batch[:len(images)] = np.stack(images)
     return predict_fn(batch)
 
-  def finish(done: tuple[list[_Item], jax.Array | None]) -> None:
+  def finish(done: tuple[list[_Item], Any]) -> None:
     done_entries, probs = done
     probs = None if probs is None else np.asarray(probs)
     row = 0
@@ -268,6 +265,13 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
   Raises:
     ConfigError: no checkpoint in `workdir`, a bad argument, or an unwritable `output_csv`.
   """
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from bmcc import checkpointing, config_validation, steps
+
   stdout = sys.stdout if stdout is None else stdout
   stderr = sys.stderr if stderr is None else stderr
   if checkpoint not in ("best", "latest"):

@@ -73,6 +73,12 @@ def test_help_exits_0_and_lists_every_config_with_its_first_docstring_line():
      "--mode=train takes no arguments, got 'cell.jpg'"),
     (["--mode=evaluate", "--workdir", "w", "--config.eval_batch_size=8"],
      "--config.eval_batch_size needs --config <file> before it"),
+    (["--mode=export", "--workdir", "w", "--format=tflite"],
+     "--format=tflite: use onnx, stablehlo or onnx,stablehlo."),
+    (["--mode=evaluate", "--workdir", "w", "--model=m.onnx"],
+     "--model is for --mode=predict (got --mode=evaluate)."),
+    (["--mode=predict", "--model=m.pt", "cell.jpg"],
+     "--model=m.pt: give a .onnx file written by --mode=export."),
 ])
 def test_bad_command_line_is_one_error_line_with_status_2_before_jax(args, expected):
   result = _main(*args, importtime=True)  # nothing is written: every case fails first
