@@ -49,11 +49,10 @@ INSTALL_HINT = "pip install 'bmcc[export]'"
 
 
 def load_model(workdir: str, checkpoint: str = "best") -> tuple[nnx.Module, dict, int]:
-  """(model, checkpoint metadata, step) of the run in `workdir`, as predict restores it.
-
-  The one place this module restores a run: swap in a shared restore function here.
-  """
-  return checkpointing.restore_model(workdir, checkpoint)
+  """(model, checkpoint metadata, step) of the run in `workdir`, through
+  `checkpointing.restore_run` like every other mode that reads a trained run."""
+  run = checkpointing.restore_run(workdir, checkpoint=checkpoint)
+  return run.model, run.metadata, run.step
 
 
 def probability_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
