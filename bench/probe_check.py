@@ -7,7 +7,7 @@
       --config.pretrained=/tmp/DinoBloom-S-random.pth --config.data.data_dir=... \\
       --config.data.manual_dir=...
   # 3. The reports against sklearn's LogisticRegression(C=D*K/100, max_iter=1000) and
-  #    KNeighborsClassifier(n_neighbors=k) fitted on train + validation (exit status 1 if not equal):
+  #    KNeighborsClassifier(n_neighbors=k) fitted on train + validation (exit 1 if not equal):
   python bench/probe_check.py check /tmp/probe
 
 Not a test: a measurement tool for real data (README, "Pretrained backbones").
@@ -50,7 +50,8 @@ def _torch_stand_ins() -> tuple[type, types.FunctionType]:
   FloatStorage.__module__, FloatStorage.__qualname__ = "torch", "FloatStorage"
   _rebuild_tensor_v2.__module__ = "torch._utils"
   _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
-  torch.FloatStorage, utils._rebuild_tensor_v2, torch._utils = FloatStorage, _rebuild_tensor_v2, utils
+  torch.FloatStorage, torch._utils = FloatStorage, utils
+  utils._rebuild_tensor_v2 = _rebuild_tensor_v2
   sys.modules["torch"], sys.modules["torch._utils"] = torch, utils
   return FloatStorage, _rebuild_tensor_v2
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import grain
@@ -25,9 +26,9 @@ from flax import nnx
 from PIL import Image
 
 from bmcc import checkpointing, config_validation, evaluate, features, predict, probe, steps, train
-from bmcc.data import classes, input_pipeline, loading, sampling
+from bmcc.data import classes, input_pipeline, loading, sampling, splits
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB
-from bmcc.models import pretrained, weight_files
+from bmcc.models import pretrained
 from configs import dinobloom_s_probe, tiny
 from tests import helpers
 
@@ -99,16 +100,23 @@ def test_features_mode_probes_equal_sklearn_fitted_on_train_and_validation(tmp_p
   workdir = tmp_path / "probe"
   reports = features.features_and_probes(config, str(workdir))
 
+  # DinoBloom's split: test is the listed files, train + validation every other one, once each.
   builder = loading.load_builder(config.data)
-  found = {}
-  for split in features.SPLITS:
-    found[split] = probe.load_features(workdir / f"features_{split}.npz")
-    source = input_pipeline.data_source(builder, split)
-    labels, names = sampling.read_record_index(source)
-    assert found[split].embeddings.shape == (len(source), 16)  # every example once, no padding
-    assert found[split].embeddings.dtype == np.float32
-    np.testing.assert_array_equal(found[split].labels, labels)
-    np.testing.assert_array_equal(found[split].file_names, names)  # the files, in record order
+  prepared = [sampling.read_record_index(input_pipeline.data_source(builder, split))
+              for split in features.SPLITS]
+  label_of = dict(zip(np.concatenate([names for _, names in prepared]),
+                      np.concatenate([labels for labels, _ in prepared]), strict=True))
+  found = {split: probe.load_features(workdir / f"features_{split}.npz")
+           for split in features.SPLITS}
+  listed = splits.dinobloom_test_stems()
+  for split, part in found.items():
+    assert part.embeddings.shape == (len(part.labels), 16) and part.embeddings.dtype == np.float32
+    assert np.isfinite(part.embeddings).all()
+    np.testing.assert_array_equal(part.labels, [label_of[n] for n in part.file_names])
+    stems = {Path(n).stem for n in part.file_names}
+    assert (stems <= listed) if split == "test" else not (stems & listed), split
+  names = np.concatenate([part.file_names for part in found.values()])
+  assert sorted(names) == sorted(label_of) and len(found["test"].labels) > 20
 
   # The stored features are the backbone's CLS token, on ImageNet-normalised pixels.
   batch = next(input_pipeline.create_eval_iter(config, builder, "test").batches)
@@ -153,14 +161,22 @@ def test_features_mode_probes_equal_sklearn_fitted_on_train_and_validation(tmp_p
   shutil.move(weights, moved)
   config.pretrained = str(moved)
   again = features.features_and_probes(config, str(workdir))
-  assert again["knn20"] == reports["knn20"]
+  for split in features.EVAL_SPLITS:  # the same numbers; the report names the new source
+    new, old = dict(again["knn20"][split]), dict(reports["knn20"][split])
+    assert (new.pop("pretrained"), old.pop("pretrained")) == (str(moved), str(weights))
+    assert new == old
   for split in features.SPLITS:
     assert os.stat(workdir / f"features_{split}.npz").st_mtime_ns == stamps[split]
 
   # Other weights at the same path are never mixed with the old features.
-  tensors = weight_files.read(moved)
-  tensors["teacher"]["backbone.norm.bias"] = tensors["teacher"]["backbone.norm.bias"] + 1.0
-  weight_files.write_torch_zip(moved, tensors)
+  with zipfile.ZipFile(moved) as archive:
+    entries = {name: archive.read(name) for name in archive.namelist()}
+  last = max((n for n in entries if "/data/" in n), key=lambda n: int(n.rsplit("/", 1)[1]))
+  entries[last] = (np.frombuffer(entries[last], np.float32) + 1).tobytes()  # one tensor changed
+  with zipfile.ZipFile(moved, "w") as archive:
+    for name, data in entries.items():
+      archive.writestr(name, data)
+  assert pretrained.read_state_dict(moved)[1].startswith("DINOv2 training checkpoint")
   with pytest.raises(config_validation.ConfigError, match="other settings.*weights"):
     features.features_and_probes(config, str(workdir))
 
