@@ -168,9 +168,16 @@ def knn_probe(train: Features, test: Features, num_classes: int, *, k: int = 20)
   DinoBloom's kNN: Euclidean distance, uniform votes, raw features (k clipped to the number of
   fitted examples).
   """
-  model = KNeighborsClassifier(n_neighbors=min(k, train.labels.size)).fit(train.embeddings,
-                                                                          train.labels)
+  model, _ = fit_knn(train, k)
   return _columns(model.predict_proba(test.embeddings), model.classes_, num_classes)
+
+
+def fit_knn(fit: Features, k: int) -> tuple[KNeighborsClassifier, dict[str, Any]]:
+  """sklearn's `KNeighborsClassifier(n_neighbors=k)` (its defaults) fitted on `fit`'s raw
+  features, k clipped to the number of examples; returns it and its settings."""
+  used = min(k, fit.labels.size)
+  model = KNeighborsClassifier(n_neighbors=used).fit(fit.embeddings, fit.labels)
+  return model, {"k": used, "metric": "euclidean", "weights": "uniform"}
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -250,11 +257,9 @@ def fit_probes(splits: dict[str, Features], num_classes: int,
                                   num_classes)))
 
   for k in settings.knn_k:
-    used = min(k, fit.labels.size)
-    knn = KNeighborsClassifier(n_neighbors=used).fit(fit.embeddings, fit.labels)
+    knn, knn_settings = fit_knn(fit, k)
     probes.append(FittedProbe(
-        f"knn{k}", {"kind": "knn", "settings": {"k": used, "metric": "euclidean",
-                                               "weights": "uniform"}, **common,
+        f"knn{k}", {"kind": "knn", "settings": knn_settings, **common,
                     "description": "sklearn KNeighborsClassifier on the raw features (DinoBloom)"},
         lambda x, m=knn: _columns(m.predict_proba(x), m.classes_, num_classes)))
 
