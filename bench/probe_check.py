@@ -140,12 +140,11 @@ def check(workdir: str) -> int:
   from sklearn.neighbors import KNeighborsClassifier
 
   parts = [_load(workdir, s) for s in ("train", "validation")]
-  x = np.concatenate([p[0] for p in parts])
+  x = np.concatenate([p[0] for p in parts]).astype(np.float64)  # as DinoBloom's code reads them
   y = np.concatenate([p[1] for p in parts])
   d, k = x.shape[1], np.unique(y).size
   print(f"fit on train + validation: {y.size} images, D = {d}, K = {k}, C = {d * k / 100:g}")
-  estimators = {"linear": LogisticRegression(C=d * k / 100, max_iter=1000).fit(
-      x.astype(np.float64), y)}
+  estimators = {"linear": LogisticRegression(C=d * k / 100, max_iter=1000).fit(x, y)}
   for n in (1, 20):
     estimators[f"knn{n}"] = KNeighborsClassifier(n_neighbors=n).fit(x, y)
   failures = 0
@@ -155,7 +154,7 @@ def check(workdir: str) -> int:
       with open(os.path.join(workdir, f"eval_{split if name == 'linear' else f'{split}_{name}'}"
                                       ".json")) as f:
         report = json.load(f)
-      pred = model.predict(xt.astype(np.float64) if name == "linear" else xt)
+      pred = model.predict(xt.astype(np.float64))
       num = len(report["confusion_matrix"]["class_order"])
       counts = confusion_matrix(yt, pred, labels=np.arange(num)).tolist()
       ours = (report["accuracy"], report["balanced_accuracy"], report["weighted_f1"])

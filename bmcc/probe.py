@@ -6,12 +6,16 @@ features of the `fit_on` splits together, and gives class probabilities [N, num_
 split, so `bmcc.metrics.classification_report(labels, probs, codes)` gives the usual report:
 
 - `linear`: scikit-learn `LogisticRegression` (L-BFGS, multinomial, `max_iter` 1000) on the raw
-  features, fitted in float64, with DinoBloom's regularisation C = D * K / 100 for D features
+  features, with DinoBloom's regularisation C = D * K / 100 for D features
   and K fitted classes (L2 coefficient 100 / (D K)); or a given C; or C chosen by a sweep:
   fitted on "train" for each C of a log grid, the C with the best validation balanced accuracy
   refitted on `fit_on` (DINOv2's rule, `dinov2/eval/log_regression.py`).
 - `knn<k>`: scikit-learn `KNeighborsClassifier(n_neighbors=k)` with its defaults, Euclidean
-  distance and uniform votes on the raw float32 features (DinoBloom uses k = 1 and k = 20).
+  distance and uniform votes on the raw features (DinoBloom uses k = 1 and k = 20).
+
+Both sklearn probes get float64 copies of the float32 features: DinoBloom's evaluation reads its
+stored features into float64 arrays, and sklearn >= 1.8 would otherwise fit the logistic
+regression in float32.
 - `weighted_knn<k>`: DINOv2's kNN (`dinov2/eval/knn.py`): cosine similarity of L2-normalised
   features, the k most similar fitted examples vote with weights softmax(similarity / 0.07).
 
@@ -19,8 +23,9 @@ Each report gets a `probe` block saying how it was made: `kind` ("linear" or "kn
 (k, metric, weights; C, max_iter, n_iter, converged), `fit_on` (split names) and `n_fit`
 (examples fitted). Classes absent from the fitted examples get probability 0.
 
-Memory: features are float32, 171,374 x 1,536 (all images, ViT-G) is 1.05 GB; the logistic
-regression adds a float64 copy of the fitted examples (2.1 GB for all of them).
+Memory: features are float32, 171,374 x 1,536 (all images, ViT-G) is 1.05 GB; each sklearn
+probe holds a float64 copy of the fitted examples (about 1.7 GB for the ~80% outside DinoBloom's
+test list).
 """
 
 from __future__ import annotations
@@ -169,15 +174,17 @@ def knn_probe(train: Features, test: Features, num_classes: int, *, k: int = 20)
   fitted examples).
   """
   model, _ = fit_knn(train, k)
-  return _columns(model.predict_proba(test.embeddings), model.classes_, num_classes)
+  return _columns(model.predict_proba(test.embeddings.astype(np.float64)), model.classes_,
+                  num_classes)
 
 
 def fit_knn(fit: Features, k: int) -> tuple[KNeighborsClassifier, dict[str, Any]]:
   """sklearn's `KNeighborsClassifier(n_neighbors=k)` (its defaults) fitted on `fit`'s raw
-  features, k clipped to the number of examples; returns it and its settings."""
+  features (in float64), k clipped to the number of examples; returns it and its settings."""
   used = min(k, fit.labels.size)
-  model = KNeighborsClassifier(n_neighbors=used).fit(fit.embeddings, fit.labels)
-  return model, {"k": used, "metric": "euclidean", "weights": "uniform"}
+  model = KNeighborsClassifier(n_neighbors=used).fit(fit.embeddings.astype(np.float64),
+                                                     fit.labels)
+  return model, {"k": used, "metric": "euclidean", "weights": "uniform", "dtype": "float64"}
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -261,7 +268,8 @@ def fit_probes(splits: dict[str, Features], num_classes: int,
     probes.append(FittedProbe(
         f"knn{k}", {"kind": "knn", "settings": knn_settings, **common,
                     "description": "sklearn KNeighborsClassifier on the raw features (DinoBloom)"},
-        lambda x, m=knn: _columns(m.predict_proba(x), m.classes_, num_classes)))
+        lambda x, m=knn: _columns(m.predict_proba(x.astype(np.float64)), m.classes_,
+                                  num_classes)))
 
   for k in settings.weighted_knn_k:
     used = min(k, fit.labels.size)

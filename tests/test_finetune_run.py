@@ -86,9 +86,9 @@ def _sklearn_predictions(fit: probe.Features, test: probe.Features, num_classes:
   linear = LogisticRegression(C=d * k / 100, max_iter=1000).fit(
       fit.embeddings.astype(np.float64), fit.labels)
   out = {"linear": linear.predict(test.embeddings.astype(np.float64))}
-  for n in (1, 20):
+  for n in (1, 20):  # DinoBloom's code reads its stored features into float64 arrays
     out[f"knn{n}"] = KNeighborsClassifier(n_neighbors=n).fit(
-        fit.embeddings, fit.labels).predict(test.embeddings)
+        fit.embeddings.astype(np.float64), fit.labels).predict(test.embeddings.astype(np.float64))
   return out, linear
 
 
@@ -147,7 +147,7 @@ def test_features_mode_probes_equal_sklearn_fitted_on_train_and_validation(tmp_p
         "dtype": "float64", "C_rule": "D * K / 100 (DinoBloom)"}
     for k in (1, 20):
       assert reports[f"knn{k}"][split]["probe"]["settings"] == {
-          "k": k, "metric": "euclidean", "weights": "uniform"}
+          "k": k, "metric": "euclidean", "weights": "uniform", "dtype": "float64"}
     assert reports["weighted_knn20"][split]["probe"]["settings"]["metric"] == "cosine"
     for name, by_split in reports.items():
       with open(workdir / f"eval_{features.report_name(name, split)}.json") as f:

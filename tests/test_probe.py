@@ -131,7 +131,7 @@ def test_evaluate_probes_fits_each_probe_once_on_train_and_validation(tmp_path, 
       assert block["in_fit"] == (split == "validation")
       assert block["kind"] == ("linear" if name == "linear" else "knn")
   assert reports["knn1"]["test"]["probe"]["settings"] == {
-      "k": 1, "metric": "euclidean", "weights": "uniform"}
+      "k": 1, "metric": "euclidean", "weights": "uniform", "dtype": "float64"}
   assert reports["weighted_knn20"]["test"]["probe"]["settings"]["metric"] == "cosine"
   linear = reports["linear"]["test"]["probe"]["settings"]
   assert linear["C"] == pytest.approx(16 * 5 / 100) and linear["max_iter"] == 1000
