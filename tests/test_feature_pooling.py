@@ -1,6 +1,7 @@
-"""What `--mode=features` embeds and how its cache is keyed: the ViT's token pooling ("cls",
-DinoBloom's; "cls_mean_patch", DINOv2's linear evaluation; the patch tokens), computed by hand from
-the blocks' output, and the weight file's fingerprint (size and SHA-256 of its content)."""
+"""What `--mode=features` embeds, how its cache is keyed and which probes it fits: the ViT's token
+pooling ("cls", DinoBloom's; "cls_mean_patch", DINOv2's linear evaluation; the patch tokens),
+computed by hand from the blocks' output; the weight file's fingerprint (size and SHA-256 of its
+content); `config.probe` as `bmcc.probe.ProbeSettings`."""
 
 from __future__ import annotations
 
@@ -69,3 +70,20 @@ def test_weights_fingerprint_is_size_and_sha256_of_the_content(tmp_path, monkeyp
   assert features.weights_fingerprint(tmp_path / "b.pth") == expected  # the name does not count
   (tmp_path / "a.pth").write_bytes(data[:9] + b"\xff")
   assert features.weights_fingerprint(tmp_path / "a.pth")["sha256"] != expected["sha256"]
+
+
+def test_probe_settings_follow_the_config():
+  from bmcc import probe
+  from configs import dinobloom_s_probe
+
+  config = dinobloom_s_probe.get_config()
+  assert features.probe_settings(config) == probe.ProbeSettings()  # DinoBloom's by default
+  assert probe.ProbeSettings() == probe.ProbeSettings(
+      fit_on=("train", "validation"), c=None, max_iter=1000, knn_k=(1, 20))
+  config.probe.c, config.probe.c_sweep, config.probe.max_iter = "sweep", (-2.0, 1.0, 4), 50
+  config.probe.fit_on, config.probe.knn_k, config.probe.weighted_knn_k = ("train",), (5,), ()
+  assert features.probe_settings(config) == probe.ProbeSettings(
+      fit_on=("train",), c="sweep", c_sweep=(-2.0, 1.0, 4), max_iter=50, knn_k=(5,),
+      weighted_knn_k=())
+  config.probe.c = 2.5
+  assert features.probe_settings(config).c == 2.5
