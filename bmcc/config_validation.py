@@ -166,6 +166,8 @@ def _validate_model(config: Any) -> None:
       _check_number(model_config, key, 0, math.inf, low_open=True, path="model_config.")
   if "ffn" in model_config:
     _check_choice(model_config, "ffn", ("mlp", "swiglu"), path="model_config.")
+  if "pooling" in model_config:
+    _check_choice(model_config, "pooling", vit.POOLINGS, path="model_config.")
   if "num_registers" in model_config:
     _check_int(model_config, "num_registers", 0, path="model_config.")
   if "features" in model_config:
@@ -271,6 +273,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       raise ConfigError(
           f"config.{key}={value} must be a positive multiple of the device count ({devices}).")
   _validate_schedule(config)
+  _validate_probe(config.get("probe"))
   if workdir is None:
     return
   workdir = os.path.abspath(workdir)
@@ -325,3 +328,32 @@ def _check_finetune(config: ml_collections.ConfigDict) -> None:
   if steps.uses_finetune_optimizer(config) and not config.model.startswith(("vit_", "res")):
     raise ConfigError(f"config.finetune (layer decay, freezing, head rate) needs a ViT or a "
                       f"ResNet, not {config.model!r}.")
+
+
+def _check_ints(block: Any, key: str, low: int, path: str) -> None:
+  value = block.get(key)
+  _require(isinstance(value, Sequence) and not isinstance(value, str)
+           and all(_is_int(v) and v >= low for v in value), path + key, value,
+           f"must be a tuple of integers >= {low} (or empty)")
+
+
+def _validate_probe(probe: Any) -> None:
+  """The `probe` block of --mode=features (see configs/default.py); None: the defaults."""
+  if probe is None:
+    return
+  fit_on = probe.get("fit_on")
+  _require(isinstance(fit_on, Sequence) and not isinstance(fit_on, str) and len(fit_on) > 0
+           and all(s in ("train", "validation") for s in fit_on)
+           and len(set(fit_on)) == len(fit_on), "probe.fit_on", fit_on,
+           "must name 'train' and/or 'validation' once each (never 'test')")
+  c = probe.get("c")
+  _require(c is None or c == "sweep" or (_is_number(c) and c > 0), "probe.c", c,
+           "must be None (D * K / 100, DinoBloom's), a number > 0 or 'sweep'")
+  sweep = probe.get("c_sweep")
+  _require(isinstance(sweep, Sequence) and not isinstance(sweep, str) and len(sweep) == 3
+           and _is_number(sweep[0]) and _is_number(sweep[1]) and sweep[0] <= sweep[1]
+           and _is_int(sweep[2]) and sweep[2] >= 1, "probe.c_sweep", sweep,
+           "must be (lowest power of ten, highest, number of values), e.g. (-6.0, 5.0, 45)")
+  _check_int(probe, "max_iter", 1, path="probe.")
+  _check_ints(probe, "knn_k", 1, "probe.")
+  _check_ints(probe, "weighted_knn_k", 1, "probe.")

@@ -1,32 +1,40 @@
-"""`--mode=features`: a pretrained backbone's embeddings of every split, then linear and kNN probes.
+"""`--mode=features`: a pretrained backbone's embeddings of every split, then probes fitted on them.
 
   python main.py --config configs/dinobloom_s_probe.py --workdir runs/dinobloom_s --mode=features
 
 No training: the config's `model` is built with the weights of `config.pretrained`
-(`bmcc.models.pretrained.load_backbone`, the head left empty) and `model.features` (a ViT's
-final-norm CLS token, a ResNet's pooled features) embeds every image of the train, validation and
-test splits, resized as evaluation resizes them (no augmentation) and normalised as the weights
-expect (`bmcc.steps.input_normalization`: ImageNet). Batches are sharded over all devices of all
-processes, like evaluation (`bmcc.evaluate.predict_batches`); process 0 writes
+(`bmcc.models.pretrained.load_backbone`, the head left empty) and `model.features` embeds every
+image of the train, validation and test splits, resized as evaluation resizes them (no
+augmentation) and normalised as the weights expect (`bmcc.steps.input_normalization`: ImageNet).
+A ViT's features are its final-norm CLS token, or with `model_config.pooling="cls_mean_patch"`
+the CLS token and the mean patch token side by side (DINOv2's linear evaluation); a ResNet's
+its pooled features. Batches are sharded over all devices of all processes, like evaluation
+(`bmcc.evaluate.predict_batches`); process 0 writes
 
 - `features_<split>.npz` per split: `embeddings` float32 [N, D], `labels` int32 [N] (the run's
-  class ids), `file_names` str [N], and `settings` (JSON: model, weights, image size, classes,
-  protocol, normalisation). Written atomically; a rerun keeps every complete file made with the
-  same settings (so an interrupted run resumes at the split it stopped in) and refuses a file made
-  with other settings.
-- the probes, fitted on the train split's features as DinoBloom evaluates its backbones
-  (`bmcc.probe`): logistic regression (L-BFGS, C = D * K / 100) -> `eval_<split>.json`, and
-  DINOv2's weighted kNN (k = 20, temperature 0.07) -> `eval_<split>_knn.json`, each with its
-  per-class table and confusion matrix (`bmcc.metrics.write_report`), for validation and test.
+  class ids), `file_names` str [N], and `settings` (JSON: model, the weight file's size and
+  SHA-256, image size, classes, protocol, normalisation). Written atomically; a rerun keeps every
+  complete file made with the same settings (so an interrupted run resumes at the split it
+  stopped in) and refuses a file made with other settings, including other weights at the same
+  path (the file's content is what counts, not its name).
+- the probes of `config.probe` (`bmcc.probe`), each fitted ONCE on the features of
+  `probe.fit_on` (default train + validation: every image not in the test split, as DinoBloom
+  fits them) and reported on validation and test: logistic regression -> `eval_<split>.json`,
+  sklearn kNN for each k of `probe.knn_k` -> `eval_<split>_knn<k>.json`, DINOv2's weighted kNN
+  for each k of `probe.weighted_knn_k` -> `eval_<split>_weighted_knn<k>.json`, each with its
+  per-class table and confusion matrix (`bmcc.metrics.write_report`) and a `probe` block (kind,
+  settings, fit_on, n_fit; `in_fit` marks a split the probe was fitted on).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 import zipfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +52,10 @@ from bmcc.evaluate import gather_host_batches
 from bmcc.models import pretrained
 
 SPLITS = ("train", "validation", "test")  # embedded, in this order
-EVAL_SPLITS = ("validation", "test")  # reported; the probes are fitted on "train"
-KNN_K = 20
+EVAL_SPLITS = ("validation", "test")  # reported, each by the one fit of every probe
 _NAME_BYTES = 512  # a file name's UTF-8 bytes when gathered across processes
 _LOG_SECONDS = 30.0
+_HASH_CHUNK = 1 << 23  # bytes read at a time when hashing a weight file
 
 
 def features_path(workdir: str, split: str) -> str:
@@ -71,12 +79,25 @@ def embed_step(model: nnx.Module, images: jax.Array) -> jax.Array:
   return model.features(steps.normalize_input(model, images)).astype(jnp.float32)
 
 
-def _settings(config: ml_collections.ConfigDict, model: nnx.Module,
-              codes: tuple[str, ...]) -> dict:
-  """What the features depend on; stored in each file and compared on a rerun."""
+def weights_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+  """{"bytes": size, "sha256": hex digest} of a weight file: what its features depend on."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      digest.update(chunk)
+  return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _settings(config: ml_collections.ConfigDict, model: nnx.Module, codes: tuple[str, ...],
+              weights: dict[str, Any]) -> dict:
+  """What the features depend on; stored in each file and compared on a rerun.
+
+  The weights count by content (`weights_fingerprint`), not by the source string: a file
+  replaced at the same path makes new features, the same file moved elsewhere keeps them.
+  """
   return json.loads(json.dumps({
       "model": config.model, "model_config": config.model_config.to_dict(),
-      "pretrained": config.pretrained, "image_size": config.image_size, "classes": codes,
+      "weights": weights, "image_size": config.image_size, "classes": codes,
       "split": config.data.get("split"), "fold": config.data.get("fold"),
       "num_folds": config.data.get("num_folds"),
       "input_mean": model.input_mean, "input_std": model.input_std}))
@@ -171,8 +192,8 @@ def _write(path: str, features: probe.Features, settings: dict) -> None:
 def features_and_probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes `features_<split>.npz` for every split, then the probes' reports (process 0).
 
-  Returns {"linear": {split: report}, "knn": {split: report}} for the validation and test splits
-  (on process 0; {} on the others).
+  Returns {probe name: {split: report}} for the validation and test splits (on process 0; {} on
+  the others); names as `write_probe_reports`.
   """
   config_validation.validate(config, workdir)
   if not config.get("pretrained"):
@@ -188,11 +209,15 @@ def features_and_probes(config: ml_collections.ConfigDict, workdir: str) -> dict
                config.model, model.pretrained.path, model.pretrained.layout, config.image_size,
                mesh.size, model.num_features)
   nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+  start = time.time()
+  weights = weights_fingerprint(model.pretrained.path)
+  logging.info("Weights %s: %d bytes, SHA-256 %s (%.1f s).", model.pretrained.path,
+               weights["bytes"], weights["sha256"], time.time() - start)
   codes = None
   for split in SPLITS:
     data = input_pipeline.create_eval_iter(config, builder, split)
     codes = data.mapping.codes
-    settings = _settings(config, model, codes)
+    settings = _settings(config, model, codes, weights)
     path = features_path(workdir, split)
     complete = jax.process_index() == 0 and _is_complete(path, settings, data.num_examples)
     if jax.process_count() > 1:
@@ -206,25 +231,47 @@ def features_and_probes(config: ml_collections.ConfigDict, workdir: str) -> dict
       logging.info("Wrote %s.", path)
   if jax.process_index() > 0:
     return {}
-  return write_probe_reports(workdir, codes, config)
+  return write_probe_reports(workdir, codes, config, weights)
 
 
-def write_probe_reports(workdir: str, codes: tuple[str, ...],
-                        config: ml_collections.ConfigDict) -> dict:
-  """Fits both probes on `features_train.npz`; writes eval_<split>[_knn].json and friends."""
+def probe_settings(config: ml_collections.ConfigDict) -> probe.ProbeSettings:
+  """`config.probe` (configs/default.py) as `bmcc.probe.ProbeSettings`; defaults if absent."""
+  block = config.get("probe")
+  if block is None:
+    return probe.ProbeSettings()
+  return probe.ProbeSettings(
+      fit_on=tuple(block.fit_on), c=block.get("c"),
+      c_sweep=(float(block.c_sweep[0]), float(block.c_sweep[1]), int(block.c_sweep[2])),
+      max_iter=int(block.max_iter), knn_k=tuple(int(k) for k in block.knn_k),
+      weighted_knn_k=tuple(int(k) for k in block.weighted_knn_k))
+
+
+def report_name(probe_name: str, split: str) -> str:
+  """The `eval_<...>` name of a probe's report: the linear probe's is the split's own."""
+  return split if probe_name == "linear" else f"{split}_{probe_name}"
+
+
+def write_probe_reports(workdir: str, codes: tuple[str, ...], config: ml_collections.ConfigDict,
+                        weights: dict[str, Any] | None = None) -> dict:
+  """Fits each probe of `config.probe` once; writes eval_<split>[_<probe>].json and friends.
+
+  Returns {probe name: {split: report}}: "linear", "knn<k>", "weighted_knn<k>".
+  """
   start = time.time()
-  reports = probe.evaluate_probes(workdir, codes, train_split="train", eval_splits=EVAL_SPLITS,
-                                  k=KNN_K)
-  logging.info("Fitted the linear and kNN probes in %.1f s.", time.time() - start)
-  about = {"linear": "logistic regression on the train split's features, C = D * K / 100",
-           "knn": f"weighted kNN over the train split's features, k = {KNN_K}, temperature 0.07"}
+  reports = probe.evaluate_probes(workdir, codes, eval_splits=EVAL_SPLITS,
+                                  settings=probe_settings(config))
+  logging.info("Fitted %d probes in %.1f s.", len(reports), time.time() - start)
   for name, by_split in reports.items():
     for split, report in by_split.items():
-      report.update(probe=about[name], model=config.model, pretrained=config.pretrained)
-      paths = metrics.write_report(report, workdir, split if name == "linear" else f"{split}_knn")
-      logging.info("%s probe on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f (%s).",
-                   name, split, report["accuracy"], report["balanced_accuracy"],
-                   report["macro_f1"], paths["json"])
-  logging.info("Linear probe on test:\n%s",
+      report.update(model=config.model, pretrained=config.pretrained, weights=weights)
+      paths = metrics.write_report(report, workdir, report_name(name, split))
+      block = report["probe"]
+      logging.info("%s probe (fitted on %s, %d images) on %s: accuracy %.4f, balanced accuracy "
+                   "%.4f, weighted F1 %.4f (%s).", name, "+".join(block["fit_on"]),
+                   block["n_fit"], split, report["accuracy"], report["balanced_accuracy"],
+                   report["weighted_f1"], paths["json"])
+  linear = reports["linear"]["test"]["probe"]["settings"]
+  logging.info("Linear probe: C = %g, %d L-BFGS iterations (%s); on test:\n%s", linear["C"],
+               linear["n_iter"], "converged" if linear["converged"] else "NOT converged",
                metrics.format_per_class_table(reports["linear"]["test"]))
   return reports

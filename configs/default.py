@@ -70,6 +70,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Input normalisation: 'auto' (ImageNet statistics with `pretrained`, else the stain ones),
   # 'imagenet' or 'stain'; it is stored with the checkpoints, which evaluate/predict follow.
   config.input_normalization = "auto"
+  # --mode=features: the probes fitted once on the frozen features (bmcc.probe; README,
+  # "Pretrained backbones"). The defaults are DinoBloom's evaluation.
+  config.probe = ml_collections.ConfigDict()
+  # Splits fitted on, together ('train' and/or 'validation', never 'test'); DinoBloom: all non-test.
+  config.probe.fit_on = ("train", "validation")
+  # Logistic regression's inverse L2 strength C: None: D * K / 100 (DinoBloom); a number; or
+  # 'sweep': fitted on train for each C of c_sweep, the best validation balanced accuracy's C
+  # refitted on fit_on (DINOv2).
+  config.probe.c = placeholder(object)
+  config.probe.c_sweep = (-6.0, 5.0, 45)  # sweep grid: 10^low .. 10^high, number of C (DINOv2's)
+  config.probe.max_iter = 1000  # L-BFGS iterations of the logistic regression
+  config.probe.knn_k = (1, 20)  # sklearn kNN (Euclidean, uniform votes), one probe per k; (): none
+  # DINOv2's kNN (cosine, votes softmax(similarity / 0.07)), one probe per k; (): none.
+  config.probe.weighted_knn_k = (20,)
   # Fine-tuning a pretrained ViT or ResNet (bmcc.finetune); any of these switches to its optimizer.
   config.finetune = ml_collections.ConfigDict()
   config.finetune.freeze_epochs = 0.0  # epochs during which only the head learns (backbone frozen)

@@ -108,6 +108,17 @@ BAD_VALUES = [
     ("final_eval_checkpoint", "first"),
     ("batch_size", 6),
     ("eval_batch_size", 0),
+    # Probes of --mode=features.
+    ("probe.fit_on", ("train", "test")),
+    ("probe.fit_on", ()),
+    ("probe.fit_on", ("train", "train")),
+    ("probe.c", "auto"),
+    ("probe.c", 0.0),
+    ("probe.c_sweep", (5.0, -6.0, 45)),
+    ("probe.c_sweep", (-6.0, 5.0, 0)),
+    ("probe.max_iter", 0),
+    ("probe.knn_k", (0, 20)),
+    ("probe.weighted_knn_k", 20),
 ]
 
 

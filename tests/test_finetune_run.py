@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import grain
@@ -25,10 +26,10 @@ from flax import nnx
 from PIL import Image
 
 from bmcc import checkpointing, config_validation, evaluate, features, predict, probe, steps, train
-from bmcc.data import classes, input_pipeline, loading, sampling
+from bmcc.data import classes, input_pipeline, loading, sampling, splits
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB
 from bmcc.models import pretrained
-from configs import tiny
+from configs import dinobloom_s_probe, tiny
 from tests import helpers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
@@ -63,49 +64,124 @@ def _model_params(state: dict) -> dict:
           for path, v in jax.tree_util.tree_flatten_with_path(state["model"])[0]}
 
 
-def test_features_mode_writes_features_and_probe_reports(tmp_path, cache_dir):
-  config = _vit_config(cache_dir)
+def _probe_config(cache_dir: str, weights: str | os.PathLike):
+  """configs/dinobloom_s_probe.py on the tiny synthetic dataset, DinoBloom's split, tiny ViT."""
+  config = dinobloom_s_probe.get_config()
+  config.data = tiny.get_config().data
+  config.data.cache_dir = cache_dir
+  config.data.split = "dinobloom"
+  config.model_config.update(VIT_CONFIG["model_config"])
+  config.pretrained = str(weights)
+  config.image_size = 28  # a 2 x 2 patch grid; the 16 x 16 position grid is resampled
+  config.eval_batch_size = 32
+  return config
+
+
+def _sklearn_predictions(fit: probe.Features, test: probe.Features, num_classes: int):
+  """DinoBloom's probes, fitted here with sklearn directly: {name: predicted class ids}."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.neighbors import KNeighborsClassifier
+
+  d, k = fit.embeddings.shape[1], np.unique(fit.labels).size
+  linear = LogisticRegression(C=d * k / 100, max_iter=1000).fit(
+      fit.embeddings.astype(np.float64), fit.labels)
+  out = {"linear": linear.predict(test.embeddings.astype(np.float64))}
+  for n in (1, 20):  # DinoBloom's code reads its stored features into float64 arrays
+    out[f"knn{n}"] = KNeighborsClassifier(n_neighbors=n).fit(
+        fit.embeddings.astype(np.float64), fit.labels).predict(test.embeddings.astype(np.float64))
+  return out, linear
+
+
+def test_features_mode_probes_equal_sklearn_fitted_on_train_and_validation(tmp_path, cache_dir):
+  """The issue's done-when on the tiny ViT in DinoBloom's .pth layout, DinoBloom's split."""
+  weights = tmp_path / "DinoBloom-tiny.pth"
+  shutil.copy(FIXTURES / "vit_plain_dinobloom.pth", weights)
+  config = _probe_config(cache_dir, weights)
   workdir = tmp_path / "probe"
   reports = features.features_and_probes(config, str(workdir))
 
+  # DinoBloom's split: test is the listed files, train + validation every other one, once each.
   builder = loading.load_builder(config.data)
-  for split in features.SPLITS:
-    found = probe.load_features(workdir / f"features_{split}.npz")
-    source = input_pipeline.data_source(builder, split)
-    labels, names = sampling.read_record_index(source)
-    assert found.embeddings.shape == (len(source), 16)  # every example once, padding dropped
-    assert np.isfinite(found.embeddings).all()
-    np.testing.assert_array_equal(found.labels, labels)
-    np.testing.assert_array_equal(found.file_names, names)  # the files, in record order
+  prepared = [sampling.read_record_index(input_pipeline.data_source(builder, split))
+              for split in features.SPLITS]
+  label_of = dict(zip(np.concatenate([names for _, names in prepared]),
+                      np.concatenate([labels for labels, _ in prepared]), strict=True))
+  found = {split: probe.load_features(workdir / f"features_{split}.npz")
+           for split in features.SPLITS}
+  listed = splits.dinobloom_test_stems()
+  for split, part in found.items():
+    assert part.embeddings.shape == (len(part.labels), 16) and part.embeddings.dtype == np.float32
+    assert np.isfinite(part.embeddings).all()
+    np.testing.assert_array_equal(part.labels, [label_of[n] for n in part.file_names])
+    stems = {Path(n).stem for n in part.file_names}
+    assert (stems <= listed) if split == "test" else not (stems & listed), split
+  names = np.concatenate([part.file_names for part in found.values()])
+  assert sorted(names) == sorted(label_of) and len(found["test"].labels) > 20
 
-  # The stored features are the backbone's, on ImageNet-normalised pixels.
+  # The stored features are the backbone's CLS token, on ImageNet-normalised pixels.
   batch = next(input_pipeline.create_eval_iter(config, builder, "test").batches)
-  model = pretrained.load_backbone(config.model, VIT_FILE, **VIT_CONFIG["model_config"])
+  model = pretrained.load_backbone(config.model, weights, **VIT_CONFIG["model_config"])
   norm = pretrained.IMAGENET
   x = (batch["image"][:4].astype(np.float32) - np.float32(norm.mean)) / np.float32(norm.std)
-  test = probe.load_features(workdir / "features_test.npz")
-  np.testing.assert_allclose(test.embeddings[:4], model.features(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(found["test"].embeddings[:4], model.features(x), rtol=1e-5,
+                             atol=1e-5)
 
+  # Every probe: fitted once on train + validation, its reports equal to sklearn's own fit.
+  fit = probe.concatenate([found["train"], found["validation"]])
+  assert set(reports) == {"linear", "knn1", "knn20", "weighted_knn20"}
   for split in features.EVAL_SPLITS:
-    n = builder.info.splits[split].num_examples
-    for name, suffix in (("linear", ""), ("knn", "_knn")):
-      with open(workdir / f"eval_{split}{suffix}.json") as f:
-        report = json.load(f)
-      assert report == reports[name][split]
-      assert report["num_examples"] == n and 0 <= report["balanced_accuracy"] <= 1
-      assert report["probe"].startswith({"linear": "logistic", "knn": "weighted kNN"}[name])
-      assert (workdir / f"eval_{split}{suffix}_per_class.md").exists()
+    test = found[split]
+    expected, linear = _sklearn_predictions(fit, test, 21)
+    for name, predictions in expected.items():
+      report = reports[name][split]
+      counts = np.zeros((21, 21), np.int64)
+      np.add.at(counts, (test.labels, predictions), 1)
+      assert report["confusion_matrix"]["counts"] == counts.tolist(), (name, split)
+      assert report["accuracy"] == np.mean(predictions == test.labels)
+      block = report["probe"]
+      assert block["fit_on"] == ["train", "validation"] and block["n_fit"] == fit.labels.size
+      assert block["in_fit"] == (split == "validation")
+    assert reports["linear"][split]["probe"]["settings"] == {
+        "solver": "lbfgs", "C": 16 * np.unique(fit.labels).size / 100, "max_iter": 1000,
+        "n_iter": int(linear.n_iter_[0]), "converged": bool(linear.n_iter_[0] < 1000),
+        "dtype": "float64", "C_rule": "D * K / 100 (DinoBloom)"}
+    for k in (1, 20):
+      assert reports[f"knn{k}"][split]["probe"]["settings"] == {
+          "k": k, "metric": "euclidean", "weights": "uniform", "dtype": "float64"}
+    assert reports["weighted_knn20"][split]["probe"]["settings"]["metric"] == "cosine"
+    for name, by_split in reports.items():
+      with open(workdir / f"eval_{features.report_name(name, split)}.json") as f:
+        assert json.load(f) == by_split[split]
+  assert (workdir / "eval_test_knn20_per_class.md").exists()
 
-  # A rerun keeps the complete files; a missing one is recomputed, the same.
+  # The same weight file elsewhere: every feature file is kept (content, not name, counts).
   stamps = {s: os.stat(workdir / f"features_{s}.npz").st_mtime_ns for s in features.SPLITS}
-  os.remove(workdir / "features_test.npz")
-  assert features.features_and_probes(config, str(workdir)) == reports
-  for split in ("train", "validation"):
+  moved = tmp_path / "moved" / "DinoBloom-S.pth"
+  moved.parent.mkdir()
+  shutil.move(weights, moved)
+  config.pretrained = str(moved)
+  again = features.features_and_probes(config, str(workdir))
+  for split in features.EVAL_SPLITS:  # the same numbers; the report names the new source
+    new, old = dict(again["knn20"][split]), dict(reports["knn20"][split])
+    assert (new.pop("pretrained"), old.pop("pretrained")) == (str(moved), str(weights))
+    assert new == old
+  for split in features.SPLITS:
     assert os.stat(workdir / f"features_{split}.npz").st_mtime_ns == stamps[split]
-  again = probe.load_features(workdir / "features_test.npz")
-  np.testing.assert_array_equal(again.embeddings, test.embeddings)
+
+  # Other weights at the same path are never mixed with the old features.
+  with zipfile.ZipFile(moved) as archive:
+    entries = {name: archive.read(name) for name in archive.namelist()}
+  last = max((n for n in entries if "/data/" in n), key=lambda n: int(n.rsplit("/", 1)[1]))
+  entries[last] = (np.frombuffer(entries[last], np.float32) + 1).tobytes()  # one tensor changed
+  with zipfile.ZipFile(moved, "w") as archive:
+    for name, data in entries.items():
+      archive.writestr(name, data)
+  assert pretrained.read_state_dict(moved)[1].startswith("DINOv2 training checkpoint")
+  with pytest.raises(config_validation.ConfigError, match="other settings.*weights"):
+    features.features_and_probes(config, str(workdir))
 
   # Features made with other settings are never mixed in.
+  config.pretrained = str(FIXTURES / "vit_plain_dinobloom.pth")
   config.image_size = 42
   with pytest.raises(config_validation.ConfigError, match="other settings.*image_size"):
     features.features_and_probes(config, str(workdir))

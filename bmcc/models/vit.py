@@ -4,10 +4,13 @@ The layout follows DINOv2 and timm's `vit_*_patch14_dinov2` so that their weight
 (see `bmcc.models.pretrained`): a 14x14/14 patch-embedding convolution, a CLS token, optional
 register tokens, a learned absolute position embedding, pre-norm blocks (LayerNorm eps 1e-6,
 multi-head attention with a fused qkv projection, LayerScale, a GELU MLP or a packed SwiGLU
-feed-forward for ViT-G, stochastic depth) and a final LayerNorm. `features` is the normalised CLS
-token (timm's pre-logits with token pooling, DINOv2's `x_norm_clstoken`); `__call__` puts a linear
-head on it; `attention_maps` returns every block's attention probabilities (for attention rollout,
-`bmcc.explain.methods`).
+feed-forward for ViT-G, stochastic depth) and a final LayerNorm. `features` pools the normalised
+tokens as `pooling` says: "cls" (the default) is the CLS token (timm's pre-logits with token
+pooling, DINOv2's `x_norm_clstoken`, what DinoBloom's probes use); "cls_mean_patch" is the CLS
+token followed by the mean of the patch tokens (registers excluded), 2 D values, DINOv2's linear
+evaluation input with one block. `patch_tokens` gives the normalised patch tokens themselves.
+`__call__` puts a linear head on `features`; `attention_maps` returns every block's attention
+probabilities (for attention rollout, `bmcc.explain.methods`).
 
 Position embedding: stored for the patch grid of `image_size` (224 px -> 16 x 16 by default). An
 input of another size gets the patch part resampled bicubically exactly as DINOv2 does it (PyTorch
@@ -38,6 +41,8 @@ _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (non-antialiased path)
 _LINEAR_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _POS_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _CLS_INIT = nnx.initializers.normal(stddev=1e-6)
+# What `features` returns: the CLS token, or the CLS token and the mean patch token side by side.
+POOLINGS = ("cls", "cls_mean_patch")
 
 # Widths, depths and heads of the DINOv2 sizes; ViT-G uses the SwiGLU feed-forward.
 SIZES: dict[str, dict[str, Any]] = {
@@ -239,14 +244,14 @@ class VisionTransformer(nnx.Module):
     cls_token: [1, 1, D]; reg_token: [1, R, D] when `num_registers` > 0, else None.
     pos_embed: [1, G*G (+1 without registers), D] for the grid G = image_size // 14.
     blocks: `nnx.List` of `Block`s; norm: the final LayerNorm; head: the linear classifier.
-    num_features: D, the size of `features`.
+    num_features: the size of `features`: D, or 2 D with `pooling="cls_mean_patch"`.
   """
 
   def __init__(self, *, num_classes: int, rngs: nnx.Rngs, embed_dim: int, depth: int,
                num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", num_registers: int = 0,
                image_size: int = 224, layer_scale: float = 1e-5, drop_path_rate: float = 0.0,
                dropout: float = 0.0, attention_impl: str | None = None, in_features: int = 3,
-               dtype: str = "float32"):
+               dtype: str = "float32", pooling: str = "cls"):
     """Builds the network.
 
     Args:
@@ -264,16 +269,21 @@ class VisionTransformer(nnx.Module):
       attention_impl: `implementation` of `jax.nn.dot_product_attention` (None, "xla", "cudnn").
       in_features: input channels.
       dtype: compute dtype of the activations; parameters stay float32.
+      pooling: what `features` (and so the head) sees, one of `POOLINGS`: "cls", or
+        "cls_mean_patch" (CLS token and mean patch token concatenated, 2 x embed_dim).
     """
     if ffn not in ("mlp", "swiglu"):
       raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}.")
+    if pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
     if image_size < PATCH_SIZE:
       raise ValueError(f"image_size {image_size} is smaller than one {PATCH_SIZE} px patch.")
     compute_dtype = jnp.dtype(dtype)
     self.compute_dtype = compute_dtype
     self.patch_size = PATCH_SIZE
     self.grid = image_size // PATCH_SIZE
-    self.num_features = embed_dim
+    self.pooling = pooling
+    self.num_features = embed_dim * (2 if pooling == "cls_mean_patch" else 1)
     self.num_registers = num_registers
     self.embed_class = num_registers == 0
     self.patch_embed = nnx.Conv(in_features, embed_dim, (PATCH_SIZE, PATCH_SIZE),
@@ -293,8 +303,8 @@ class VisionTransformer(nnx.Module):
     ])
     self.norm = _layer_norm(embed_dim, dtype=compute_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
-    self.head = nnx.Linear(embed_dim, num_classes, dtype=compute_dtype, param_dtype=jnp.float32,
-                           rngs=rngs)
+    self.head = nnx.Linear(self.num_features, num_classes, dtype=compute_dtype,
+                           param_dtype=jnp.float32, rngs=rngs)
 
   def _position_embedding(self, grid: tuple[int, int]) -> jax.Array:
     """Position embedding of the patches for a `grid` of patches, [1, gh*gw, D] float32."""
@@ -317,12 +327,29 @@ class VisionTransformer(nnx.Module):
                                      (batch, self.num_registers, dim)))
     return jnp.concatenate([*prefix, x], axis=1)
 
-  def features(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Final-norm CLS token [N, D] (float32) for images [N, H, W, C]; `rngs` feeds drop-path."""
+  def encode(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Final-norm tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) in the compute dtype."""
     x = self.tokens(x)
     for block in self.blocks:
       x = block(x, rngs=rngs)
-    return self.norm(x)[:, 0].astype(jnp.float32)
+    return self.norm(x)
+
+  def patch_tokens(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Final-norm patch tokens [N, gh*gw, D] (float32, row-major grid; no CLS, no registers)."""
+    return self.encode(x, rngs=rngs)[:, 1 + self.num_registers:].astype(jnp.float32)
+
+  def features(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Pooled final-norm tokens [N, num_features] (float32) for images [N, H, W, C].
+
+    `pooling="cls"`: the CLS token; "cls_mean_patch": the CLS token, then the mean of the patch
+    tokens (DINOv2's linear evaluation). `rngs` feeds drop-path.
+    """
+    x = self.encode(x, rngs=rngs)
+    cls = x[:, 0].astype(jnp.float32)
+    if self.pooling == "cls":
+      return cls
+    patches = x[:, 1 + self.num_registers:].astype(jnp.float32)
+    return jnp.concatenate([cls, patches.mean(axis=1)], axis=-1)
 
   def attention_maps(self, x: jax.Array) -> jax.Array:
     """Every block's attention [N, depth, heads, T, T] (float32) for images [N, H, W, C], in
