@@ -250,6 +250,48 @@ def test_pickle_with_other_objects_is_refused(tmp_path):
     pretrained.load_backbone("resnet50", path)
 
 
+def _pad_header(data: bytes, residue: int = 128) -> bytes:
+  """A safetensors file's bytes with its header padded with spaces (as the format allows) to a
+  length of `residue` mod 256: its first byte is then `residue`."""
+  length = int.from_bytes(data[:8], "little")
+  header = data[8:8 + length].rstrip(b" ")
+  padded = header + b" " * ((residue - len(header)) % 256)
+  return len(padded).to_bytes(8, "little") + padded + data[8 + length:]
+
+
+SAFETENSORS_CASES = [(name, file) for name, file in CASES if file.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("name,file", SAFETENSORS_CASES)
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte(name, file, tmp_path):
+  # 1 safetensors file in 256 has a header length whose first byte is 0x80, the pickle protocol
+  # byte; its structure, not that byte, decides (a `.bin` name gives no hint either).
+  data = _pad_header((FIXTURES / file).read_bytes())
+  assert data[0] == 0x80 and int.from_bytes(data[:8], "little") % 256 == 128
+  path = tmp_path / "weights.bin"
+  path.write_bytes(data)
+  fixture = MANIFEST["fixtures"][name]
+  model = _load(name, str(path))
+  np.testing.assert_allclose(model.features(_inputs(fixture["image_size"])),
+                             _reference(fixture), **TOLERANCE)
+  assert model.pretrained.tensors == len(layouts.expected_keys(model))
+  # Truncated in its data, it is still recognised as safetensors, and said to be truncated.
+  path.write_bytes(data[:len(data) - 100])
+  with pytest.raises(pretrained.PretrainedWeightsError, match="truncated safetensors file"):
+    _load(name, str(path))
+
+
+def test_legacy_pickle_is_not_taken_for_safetensors(tmp_path):
+  # A pre-1.6 torch.save file: pickle protocol 2 and torch's magic number, no safetensors header.
+  path = tmp_path / "legacy.pth"
+  path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + bytes(100))
+  monkeypatch = pytest.MonkeyPatch()
+  with monkeypatch.context() as patch:
+    patch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(pretrained.PretrainedWeightsError, match="legacy .pre-1.6. PyTorch file"):
+      pretrained.load_backbone("resnet50", path)
+
+
 def test_safetensors_half_precision(tmp_path):
   import ml_dtypes
 
