@@ -152,6 +152,18 @@ def test_resample_identity_and_numpy_jax_agree():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_sizes_off_the_patch_grid_are_refused():
+  # As DINOv2: a 250 px input would silently lose its last 12 px rows and columns.
+  model = _tiny()
+  with pytest.raises(ValueError, match=r"input size 56x62 px .* 62 px would lose its last 6 px "
+                                       r"\(use 56 or 70 px\)"):
+    model.tokens(_images(width=62))
+  with pytest.raises(ValueError, match=r"image_size\) size 250x250 px .* \(use 238 or 252 px\)"):
+    _abstract("vit_small_patch14", image_size=250)
+  assert vit.valid_sizes_near(250) == [238, 252] and vit.valid_sizes_near(10) == [14]
+  assert vit.valid_sizes_near(224) == [224]
+
+
 def test_registry_and_min_image_size():
   assert {"vit_small_patch14", "vit_base_patch14", "vit_large_patch14",
           "vit_giant_patch14"} <= set(models.available())

@@ -47,6 +47,28 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def valid_sizes_near(size: int) -> list[int]:
+  """The multiples of the patch size nearest `size` (below and above; one if `size` is one)."""
+  below = size // PATCH_SIZE * PATCH_SIZE
+  if below == size:
+    return [size]
+  return [n for n in (below, below + PATCH_SIZE) if n >= PATCH_SIZE]
+
+
+def check_image_size(height: int, width: int, what: str = "input") -> None:
+  """Raises ValueError unless `height` and `width` are multiples of the patch size.
+
+  DINOv2 refuses such inputs too: the patch embedding would silently drop the last rows and
+  columns (their gradient exactly 0).
+  """
+  for side in sorted({height, width}):
+    if side % PATCH_SIZE:
+      raise ValueError(
+          f"The {what} size {height}x{width} px is not a multiple of the {PATCH_SIZE} px patch: "
+          f"{side} px would lose its last {side % PATCH_SIZE} px (use "
+          f"{' or '.join(map(str, valid_sizes_near(side)))} px).")
+
+
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
   """Weights [..., 4] of the taps at floor-1 .. floor+2 for fractional offsets t (Keys, A=-0.75)."""
   a = _CUBIC_A
@@ -228,6 +250,7 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}.")
     if image_size < PATCH_SIZE:
       raise ValueError(f"image_size {image_size} is smaller than one {PATCH_SIZE} px patch.")
+    check_image_size(image_size, image_size, "position-embedding (image_size)")
     compute_dtype = jnp.dtype(dtype)
     self.compute_dtype = compute_dtype
     self.patch_size = PATCH_SIZE
@@ -263,7 +286,11 @@ class VisionTransformer(nnx.Module):
     return resample_patch_pos_embed(pos, (self.grid, self.grid), grid)
 
   def tokens(self, x: jax.Array) -> jax.Array:
-    """Embedded tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) before the blocks."""
+    """Embedded tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) before the blocks.
+
+    Raises ValueError when the image height or width is not a multiple of the patch size.
+    """
+    check_image_size(x.shape[1], x.shape[2])
     x = self.patch_embed(x.astype(self.compute_dtype))
     batch, gh, gw, dim = x.shape
     x = x.reshape(batch, gh * gw, dim) + self._position_embedding((gh, gw)).astype(x.dtype)
