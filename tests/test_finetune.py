@@ -154,15 +154,15 @@ VIT_NOT_DECAYED = {"cls_token", "reg_token", "pos_embed", "patch_embed.bias", "n
 VIT_DECAYED = {"patch_embed.kernel", "head.kernel",
                *(f"blocks.{i}.{m}.kernel" for i in range(2)
                  for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))}
-_RESNET_NORMS = ("norm1", "norm2", "norm3")
+# A ResNet-18 with one block per stage (blocks 1-3 have a projection shortcut).
 RESNET_NOT_DECAYED = {"stem.norm.scale", "stem.norm.bias", "head.bias",
-                      *(f"blocks.{i}.{n}.{leaf}" for i in range(5) for n in _RESNET_NORMS
+                      *(f"blocks.{i}.{n}.{leaf}" for i in range(4) for n in ("norm1", "norm2")
                         for leaf in ("scale", "bias")),
-                      *(f"blocks.{i}.shortcut.norm.{leaf}" for i in (0, 2, 3, 4)
+                      *(f"blocks.{i}.shortcut.norm.{leaf}" for i in (1, 2, 3)
                         for leaf in ("scale", "bias"))}
 RESNET_DECAYED = {"stem.conv.kernel", "head.kernel",
-                  *(f"blocks.{i}.conv{k}.kernel" for i in range(5) for k in (1, 2, 3)),
-                  *(f"blocks.{i}.shortcut.conv.kernel" for i in (0, 2, 3, 4))}
+                  *(f"blocks.{i}.conv{k}.kernel" for i in range(4) for k in (1, 2)),
+                  *(f"blocks.{i}.shortcut.conv.kernel" for i in (1, 2, 3))}
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
@@ -179,9 +179,10 @@ def test_one_weight_decay_rule_for_every_optimizer_path(family, path):
                    num_registers=2)
     decayed, not_decayed = VIT_DECAYED, VIT_NOT_DECAYED
   else:
-    model, decayed, not_decayed = _resnet(), RESNET_DECAYED, RESNET_NOT_DECAYED
+    model = _model("resnet18", width=4, stage_sizes=(1, 1, 1, 1))
+    decayed, not_decayed = RESNET_DECAYED, RESNET_NOT_DECAYED
   config = default.get_config()
-  config.model = {"vit": "vit_small_patch14", "resnet": "resnet50"}[family]
+  config.model = {"vit": "vit_small_patch14", "resnet": "resnet18"}[family]
   config.weight_decay, config.optimizer = 0.1, "adamw"
   if path != "scratch":
     config.pretrained = "weights.safetensors"
