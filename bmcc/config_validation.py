@@ -170,6 +170,9 @@ def _validate_model(config: Any) -> None:
       _check_number(model_config, key, 0, math.inf, low_open=True, path="model_config.")
   if "ffn" in model_config:
     _check_choice(model_config, "ffn", ("mlp", "swiglu"), path="model_config.")
+  if "pos_embed_resampling" in model_config:
+    _check_choice(model_config, "pos_embed_resampling", ("auto", *vit.RESAMPLING),
+                  path="model_config.")
   if "num_registers" in model_config:
     _check_int(model_config, "num_registers", 0, path="model_config.")
   if "features" in model_config:

@@ -133,6 +133,18 @@ def test_vit_image_size_off_the_patch_grid_names_the_nearest_valid_sizes(tmp_pat
   config_validation.validate(config, str(tmp_path))
 
 
+def test_vit_position_resampling_rule_is_checked(tmp_path):
+  config = _config("dinobloom_b_finetune")
+  for rule in ("auto", "dinov2", "antialias"):
+    _set(config, "model_config.pos_embed_resampling", rule)
+    config_validation.validate(config, str(tmp_path))
+  _set(config, "model_config.pos_embed_resampling", "bilinear")
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.model_config.pos_embed_resampling='bilinear' must be one of "
+                           "auto, dinov2, antialias"):
+    config_validation.validate(config, str(tmp_path))
+
+
 def test_unknown_model_config_key_names_the_accepted_ones(tmp_path):
   config = _config()
   with config.model_config.unlocked():
