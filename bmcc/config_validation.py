@@ -168,6 +168,9 @@ def _validate_model(config: Any) -> None:
     _check_choice(model_config, "ffn", ("mlp", "swiglu"), path="model_config.")
   if "pooling" in model_config:
     _check_choice(model_config, "pooling", vit.POOLINGS, path="model_config.")
+  if "pos_embed_resampling" in model_config:
+    _check_choice(model_config, "pos_embed_resampling", ("auto", *vit.RESAMPLING),
+                  path="model_config.")
   if "num_registers" in model_config:
     _check_int(model_config, "num_registers", 0, path="model_config.")
   if "features" in model_config:
@@ -200,6 +203,15 @@ def _validate_model(config: Any) -> None:
         f"config.image_size={config.image_size} is too small for {config.model}, whose blocks "
         f"each halve the size: use at least {smallest}, or fewer blocks "
         "(config.model_config.features).")
+  if config.model.startswith("vit_"):
+    # A ViT would silently ignore the last rows and columns of a size between multiples.
+    for key, size in (("image_size", config.image_size),
+                      ("model_config.image_size", model_config.get("image_size"))):
+      if size is not None and size % vit.PATCH_SIZE:
+        raise ConfigError(
+            f"config.{key}={size} is not a multiple of {config.model}'s {vit.PATCH_SIZE} px "
+            f"patch (its last {size % vit.PATCH_SIZE} px rows and columns would be ignored): use "
+            f"{' or '.join(map(str, vit.valid_sizes_near(size)))}.")
 
 
 def _validate_schedule(config: Any) -> None:

@@ -13,7 +13,8 @@
   backbone's learning rate is its schedule at the global step, so a schedule that should warm up
   after unfreezing has to say so itself.
 - Weight decay applies to kernels only: not to biases, norm scales, LayerScale, tokens or the
-  position embedding.
+  position embedding (`decay_mask`, the one rule of every optimizer bmcc builds: plain AdamW in
+  `bmcc.steps.create_optimizer` uses it too).
 
 Batch-norm statistics are not parameters: a frozen ResNet backbone still updates its running
 statistics when run in train mode. The returned transformation can be wrapped like
@@ -90,7 +91,13 @@ def param_labels(model: nnx.Module) -> Callable[[Any], Any]:
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: kernels (ndim > 1) other than tokens and pos_embed."""
+  """True where weight decay applies: kernels (ndim > 1) other than tokens and pos_embed.
+
+  The weight-decay rule of every optimizer path (training from scratch, `config.pretrained`
+  without `finetune.*`, and `create_finetune_optimizer`), as in timm and DINOv2: no decay on
+  biases, norm scales and offsets, LayerScale gammas (all 1-D), the position embedding and the
+  class and register tokens.
+  """
   def decays(path, leaf):
     return leaf.ndim > 1 and not (_NO_DECAY & set(map(str, _names(path))))
 

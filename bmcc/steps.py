@@ -11,7 +11,6 @@ and XLA inserts the gradient all-reduce (batch-norm statistics are computed over
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,11 +100,6 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
   return optax.join_schedules([warmup, decay], [durations.warmup])
 
 
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on kernels only: not on biases or normalisation scales (1-D parameters)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 def uses_finetune_optimizer(config: ml_collections.ConfigDict) -> bool:
   """Whether `config.finetune` asks for `bmcc.finetune`'s optimizer: layer decay below 1, a frozen
   start or a separate head rate."""
@@ -123,7 +117,9 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   `bmcc.finetune.create_finetune_optimizer` for `model` (a ViT or a ResNet): layer-wise decay
   `finetune.layer_decay`, the backbone frozen for `freeze_steps` (`Durations.freeze`), the head at
   `finetune.head_learning_rate` on the same schedule shape, weight decay as AdamW's (none for
-  'adam'). Clipping before it and the plateau multiplier after it are the same either way.
+  'adam'). Clipping before it and the plateau multiplier after it are the same either way, and
+  so is the weight-decay rule, `bmcc.finetune.decay_mask` (none on biases, norms, LayerScale,
+  position embeddings, class and register tokens).
   """
   if uses_finetune_optimizer(config):
     if model is None:
@@ -140,7 +136,8 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   elif config.optimizer == "adam":
     tx = optax.adam(learning_rate_fn)
   elif config.optimizer == "adamw":
-    tx = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
+    tx = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay,
+                     mask=finetune.decay_mask)
   else:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}.")
   if config.grad_clip_norm:

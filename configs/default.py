@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 8  # grain worker processes decoding images; 0: decode in-process
 
   # Pixels, square, of the model input (the images are 250 x 250): random crops of 70-100% of
-  # the area resized to this in training, the whole image resized to it in evaluation.
+  # the area resized to this in training, the whole image resized to it in evaluation. A ViT
+  # takes multiples of its 14 px patch only (224, 238, 252, ...).
   config.image_size = 224
   config.model = "resnext50_32x4d"  # a name from bmcc.models.available()
   # Keyword arguments of the model's constructor (see bmcc/models).

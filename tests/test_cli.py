@@ -101,6 +101,17 @@ def test_bad_config_value_is_one_error_line_with_status_2(tmp_path):
   assert not os.path.exists(tmp_path / "never")  # no data work was done
 
 
+def test_vit_image_size_off_the_patch_grid_is_refused_before_data_work(tmp_path):
+  result = _main("--config", "configs/dinobloom_s_probe.py", "--mode=features", "--workdir",
+                 str(tmp_path / "w"), "--config.image_size=250",
+                 f"--config.data.cache_dir={tmp_path / 'never'}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.splitlines() == [
+      "error: config.image_size=250 is not a multiple of vit_small_patch14's 14 px patch (its "
+      "last 12 px rows and columns would be ignored): use 238 or 252."]
+  assert not os.path.exists(tmp_path / "never")  # no data work was done
+
+
 def test_evaluate_without_config_and_without_config_json_says_so(tmp_path):
   result = _main("--mode=evaluate", "--workdir", str(tmp_path))
   assert result.returncode == 2, result.stderr[-2000:]

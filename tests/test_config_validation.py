@@ -131,6 +131,33 @@ def test_bad_value_is_a_config_error_naming_the_key(tmp_path, path, value):
   assert f"config.{path}" in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize("path", ["image_size", "model_config.image_size"])
+def test_vit_image_size_off_the_patch_grid_names_the_nearest_valid_sizes(tmp_path, path):
+  # 250 px (the dataset's native size) with 14 px patches would ignore the last 12 px.
+  config = _config("dinobloom_b_finetune")
+  config_validation.validate(config, str(tmp_path))
+  _set(config, path, 250)
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config, str(tmp_path))
+  assert str(error.value) == (
+      f"config.{path}=250 is not a multiple of vit_base_patch14's 14 px patch (its last 12 px "
+      "rows and columns would be ignored): use 238 or 252.")
+  _set(config, path, 252)
+  config_validation.validate(config, str(tmp_path))
+
+
+def test_vit_position_resampling_rule_is_checked(tmp_path):
+  config = _config("dinobloom_b_finetune")
+  for rule in ("auto", "dinov2", "antialias"):
+    _set(config, "model_config.pos_embed_resampling", rule)
+    config_validation.validate(config, str(tmp_path))
+  _set(config, "model_config.pos_embed_resampling", "bilinear")
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.model_config.pos_embed_resampling='bilinear' must be one of "
+                           "auto, dinov2, antialias"):
+    config_validation.validate(config, str(tmp_path))
+
+
 def test_unknown_model_config_key_names_the_accepted_ones(tmp_path):
   config = _config()
   with config.model_config.unlocked():

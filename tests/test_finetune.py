@@ -144,6 +144,72 @@ def test_head_rate_and_weight_decay_mask():
         for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))}
 
 
+# The parameters no optimizer path may decay (timm / DINOv2 rule), named one by one.
+_VIT_BLOCK_NOT_DECAYED = ("norm1.scale", "norm1.bias", "attn.qkv.bias", "attn.proj.bias",
+                          "ls1.gamma", "norm2.scale", "norm2.bias", "mlp.fc1.bias", "mlp.fc2.bias",
+                          "ls2.gamma")
+VIT_NOT_DECAYED = {"cls_token", "reg_token", "pos_embed", "patch_embed.bias", "norm.scale",
+                   "norm.bias", "head.bias",
+                   *(f"blocks.{i}.{name}" for i in range(2) for name in _VIT_BLOCK_NOT_DECAYED)}
+VIT_DECAYED = {"patch_embed.kernel", "head.kernel",
+               *(f"blocks.{i}.{m}.kernel" for i in range(2)
+                 for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))}
+# A ResNet-18 with one block per stage (blocks 1-3 have a projection shortcut).
+RESNET_NOT_DECAYED = {"stem.norm.scale", "stem.norm.bias", "head.bias",
+                      *(f"blocks.{i}.{n}.{leaf}" for i in range(4) for n in ("norm1", "norm2")
+                        for leaf in ("scale", "bias")),
+                      *(f"blocks.{i}.shortcut.norm.{leaf}" for i in (1, 2, 3)
+                        for leaf in ("scale", "bias"))}
+RESNET_DECAYED = {"stem.conv.kernel", "head.kernel",
+                  *(f"blocks.{i}.conv{k}.kernel" for i in range(4) for k in (1, 2)),
+                  *(f"blocks.{i}.shortcut.conv.kernel" for i in (1, 2, 3))}
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+@pytest.mark.parametrize("path", ["scratch", "pretrained", "finetune"])
+def test_one_weight_decay_rule_for_every_optimizer_path(family, path):
+  # AdamW from scratch, `config.pretrained` without finetune.* keys, and the fine-tuning
+  # optimizer: one step on zero gradients moves only decayed parameters, each by exactly
+  # lr x its group's scale x weight_decay of itself.
+  from bmcc import steps
+  from configs import default
+
+  if family == "vit":
+    model = _model("vit_small_patch14", embed_dim=8, depth=2, num_heads=2, image_size=28,
+                   num_registers=2)
+    decayed, not_decayed = VIT_DECAYED, VIT_NOT_DECAYED
+  else:
+    model = _model("resnet18", width=4, stage_sizes=(1, 1, 1, 1))
+    decayed, not_decayed = RESNET_DECAYED, RESNET_NOT_DECAYED
+  config = default.get_config()
+  config.model = {"vit": "vit_small_patch14", "resnet": "resnet18"}[family]
+  config.weight_decay, config.optimizer = 0.1, "adamw"
+  if path != "scratch":
+    config.pretrained = "weights.safetensors"
+  if path == "finetune":
+    config.finetune.layer_decay = DECAY
+  assert steps.uses_finetune_optimizer(config) == (path == "finetune")
+  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, lambda step: LR, model),
+                            wrt=nnx.Param)
+  before = _flat(model)
+  # One compiled step (eager optax would compile each of its small ops separately).
+  nnx.jit(lambda model, optimizer, grads: optimizer.update(model, grads))(
+      model, optimizer, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+  after = _flat(model)
+  names = {".".join(map(str, p)): p for p in before}
+  assert set(names) == decayed | not_decayed and not decayed & not_decayed
+  scales = {**finetune.layer_scales(model, DECAY), "head": 1.0}
+  labels = _labels(model)
+  for name in not_decayed:
+    np.testing.assert_array_equal(after[names[name]], before[names[name]], err_msg=name)
+  for name in decayed:
+    scale = scales[labels[name]] if path == "finetune" else 1.0
+    assert not np.array_equal(after[names[name]], before[names[name]]), name
+    np.testing.assert_allclose(after[names[name]],
+                               before[names[name]] * (1 - LR * scale * config.weight_decay),
+                               rtol=1e-6, err_msg=name)
+
+
 def test_decay_mask_names():
   params = {"cls_token": jnp.zeros((1, 1, 4)), "pos_embed": jnp.zeros((1, 5, 4)),
             "blocks": {"0": {"qkv": {"kernel": jnp.zeros((4, 12)), "bias": jnp.zeros(12)}}}}

@@ -101,7 +101,7 @@ def test_unknown_name_lists_available():
 def test_logits_shape_and_dtype_train_and_eval(name):
   # ViTs run with a single block here; tests/test_vit.py covers their full sizes.
   model = _materialise(name, **({"depth": 1} if name.startswith("vit_") else {}))
-  x = _images()
+  x = _images(28 if name.startswith("vit_") else 32)  # a ViT takes multiples of its 14 px patch
   for mode in ("train", "eval"):
     getattr(model, mode)()
     logits = model(x, rngs=nnx.Rngs(dropout=1))

@@ -1,7 +1,10 @@
 """Tests of bmcc.models.pretrained: every supported checkpoint format reproduces the features of
 the reference PyTorch model (timm / torchvision) to 1e-4; position-embedding resampling from 224 to
 252 px matches DINOv2's; full-size key layouts agree with timm's and torchvision's parameter
-counts; corrupt, truncated and foreign files give errors that say what is wrong.
+counts; corrupt, truncated and foreign files give errors that say what is wrong. Position
+embeddings resample by the rule of the file's origin: DINOv2's for original DINOv2 files without
+registers, timm's antialiased bicubic for registers and timm files (518 -> 224 px with registers
+matches timm to 1e-5 relative).
 
 The fixtures in tests/fixtures/pretrained/ (tiny random-weight models, their files in each format,
 an input batch and the reference features) come from tests/fixtures/make_pretrained_fixtures.py,
@@ -33,6 +36,8 @@ IMAGES = np.load(FIXTURES / MANIFEST["images"])  # uint8 [2, 252, 252, 3]
 CASES = [(name, file) for name, fixture in MANIFEST["fixtures"].items()
          for file in fixture["files"]]
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+# PyTorch position-embedding resampling references (tests/fixtures/make_resample_fixtures.py).
+RESAMPLED = np.load(FIXTURES / "resample_references.npz")
 
 # timm `vit_*_patch14_dinov2` (num_classes=0, img_size=224) and torchvision counts, as in
 # tests/test_vit.py and tests/test_models.py (torchvision's minus its 1000-class head).
@@ -108,11 +113,71 @@ def test_block_chunked_dinov2_keys():
 
 
 def test_position_embedding_224_run_at_252():
+  # A DINOv2-layout file without registers (DinoBloom's) resamples as DINOv2 does (offset 0.1);
+  # the same weights in a timm file as timm does (antialiased, no offset).
   fixture = MANIFEST["fixtures"]["vit_plain"]
-  model = _load("vit_plain", "vit_plain_timm.safetensors")
+  model = _load("vit_plain", "vit_plain_dinobloom.pth")
   assert model.grid == 16 and model.pretrained.position_grid == (16, 16)
+  assert model.resampling == "dinov2"
   np.testing.assert_allclose(model.features(_inputs(252)), _reference(fixture, "features_252"),
                              **TOLERANCE)
+  model = _load("vit_plain", "vit_plain_timm.safetensors")
+  assert model.resampling == "antialias"
+  np.testing.assert_allclose(model.features(_inputs(252)), RESAMPLED["features_plain_timm_252"],
+                             **TOLERANCE)
+
+
+def _relative_error(actual, expected) -> float:
+  return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
+
+
+def test_registers_518_px_weights_match_timm_at_224():
+  # DINOv2-reg weights are stored for 518 px (37 x 37 patches); used at 224 px they must give
+  # timm's (and DINOv2-reg's) features: antialiased bicubic, no offset. DINOv2's offset rule
+  # (the rule for files without registers) misses by ~10% here.
+  registers = dict(MANIFEST["fixtures"]["vit_registers"]["model_config"])
+  path = FIXTURES / "vit_registers518_timm.safetensors"
+  model = pretrained.load_backbone("vit_base_patch14", path, image_size=224, **registers)
+  loaded = model.pretrained
+  assert loaded.position_grid == (37, 16) and loaded.position_resampling == "antialias"
+  assert _relative_error(model.pos_embed[...], RESAMPLED["pos_registers518_224"]) < 2e-6
+  assert _relative_error(model.features(_inputs(224)),
+                         RESAMPLED["features_registers518_224"]) < 1e-5
+  # Kept at 518 px and resampled at run time: the same, on square and non-square inputs.
+  model = pretrained.load_backbone("vit_base_patch14", path, **registers)
+  assert model.grid == 37 and model.resampling == "antialias"
+  assert _relative_error(model.features(_inputs(224)),
+                         RESAMPLED["features_registers518_224"]) < 1e-5
+  assert _relative_error(model.features(_inputs(252)[:, :224]),
+                         RESAMPLED["features_registers518_224x252"]) < 1e-5
+
+
+@pytest.mark.parametrize("file,rule", [
+    ("vit_plain_dinobloom.pth", "dinov2"),  # original DINOv2 layout, no registers
+    ("vit_swiglu_dinobloom.pth", "dinov2"),
+    ("vit_plain_timm.safetensors", "antialias"),  # timm layout
+    ("vit_registers_dinov2.pth", "antialias"),  # registers (DINOv2's *_reg hub models)
+    ("vit_registers_timm.safetensors", "antialias"),
+])
+def test_resampling_rule_follows_the_file_origin(file, rule):
+  state, layout, _ = pretrained.read_state_dict(FIXTURES / file)
+  assert layouts.vit_position_resampling(state, layout) == rule
+
+
+def test_load_into_resamples_by_the_file_rule_unless_the_model_names_one():
+  # A registry-built 224 px model with registers, from the 518 px file: antialiased at load;
+  # the model's own run-time rule stays its config's (so restored checkpoints resample alike).
+  registers = dict(MANIFEST["fixtures"]["vit_registers"]["model_config"], num_registers=4)
+  path = FIXTURES / "vit_registers518_timm.safetensors"
+  for named, used in (("auto", "antialias"), ("dinov2", "dinov2")):
+    model = nnx.eval_shape(lambda named=named: models.create_model(
+        "vit_base_patch14", num_classes=0, rngs=nnx.Rngs(0), pos_embed_resampling=named,
+        **registers))
+    loaded = pretrained.load_into(model, "vit_base_patch14", path)
+    assert loaded.position_resampling == used and model.pos_embed_resampling == named
+    expected = RESAMPLED["pos_registers518_224"]
+    error = _relative_error(model.pos_embed[...], expected)
+    assert error < 2e-6 if used == "antialias" else error > 1e-2
 
 
 def test_position_embedding_resampled_at_load():
@@ -248,6 +313,48 @@ def test_pickle_with_other_objects_is_refused(tmp_path):
     archive.writestr("archive/data.pkl", b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00echo\x85R.")
   with pytest.raises(pretrained.PretrainedWeightsError, match="holds a os.system object"):
     pretrained.load_backbone("resnet50", path)
+
+
+def _pad_header(data: bytes, residue: int = 128) -> bytes:
+  """A safetensors file's bytes with its header padded with spaces (as the format allows) to a
+  length of `residue` mod 256: its first byte is then `residue`."""
+  length = int.from_bytes(data[:8], "little")
+  header = data[8:8 + length].rstrip(b" ")
+  padded = header + b" " * ((residue - len(header)) % 256)
+  return len(padded).to_bytes(8, "little") + padded + data[8 + length:]
+
+
+SAFETENSORS_CASES = [(name, file) for name, file in CASES if file.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("name,file", SAFETENSORS_CASES)
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte(name, file, tmp_path):
+  # 1 safetensors file in 256 has a header length whose first byte is 0x80, the pickle protocol
+  # byte; its structure, not that byte, decides (a `.bin` name gives no hint either).
+  data = _pad_header((FIXTURES / file).read_bytes())
+  assert data[0] == 0x80 and int.from_bytes(data[:8], "little") % 256 == 128
+  path = tmp_path / "weights.bin"
+  path.write_bytes(data)
+  fixture = MANIFEST["fixtures"][name]
+  model = _load(name, str(path))
+  np.testing.assert_allclose(model.features(_inputs(fixture["image_size"])),
+                             _reference(fixture), **TOLERANCE)
+  assert model.pretrained.tensors == len(layouts.expected_keys(model))
+  # Truncated in its data, it is still recognised as safetensors, and said to be truncated.
+  path.write_bytes(data[:len(data) - 100])
+  with pytest.raises(pretrained.PretrainedWeightsError, match="truncated safetensors file"):
+    _load(name, str(path))
+
+
+def test_legacy_pickle_is_not_taken_for_safetensors(tmp_path):
+  # A pre-1.6 torch.save file: pickle protocol 2 and torch's magic number, no safetensors header.
+  path = tmp_path / "legacy.pth"
+  path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + bytes(100))
+  monkeypatch = pytest.MonkeyPatch()
+  with monkeypatch.context() as patch:
+    patch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(pretrained.PretrainedWeightsError, match="legacy .pre-1.6. PyTorch file"):
+      pretrained.load_backbone("resnet50", path)
 
 
 def test_safetensors_half_precision(tmp_path):

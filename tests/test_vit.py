@@ -8,6 +8,7 @@ model with numpy values, which avoids compiling JAX's random initialisers.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -143,13 +144,67 @@ def test_bicubic_matrix_matches_pytorch():
   np.testing.assert_allclose(vit._bicubic_matrix(3, 4), torch_weights, atol=1e-6)
 
 
-def test_resample_identity_and_numpy_jax_agree():
+RESAMPLED = np.load(Path(__file__).parent / "fixtures" / "pretrained" / "resample_references.npz")
+
+
+@pytest.mark.parametrize("key", sorted(k for k in RESAMPLED.files
+                                       if k.startswith(("dinov2_", "antialias_"))))
+def test_resampling_rules_match_pytorch(key):
+  # PyTorch references (tests/fixtures/make_resample_fixtures.py): 518 -> 224 px (37 -> 16),
+  # 224 -> 280 px (16 -> 20) and non-square grids; DINOv2's offset rule (no registers) and
+  # timm's / DINOv2-reg's antialiased bicubic. Each rule fails the other's reference.
+  rule, old, new = key.split("_")
+  src, dst = (int(old), int(old)), tuple(int(n) for n in new.split("x"))
+  pos, reference = RESAMPLED[f"pos_{old}"], RESAMPLED[key]
+  scale = np.abs(reference).max()
+  tolerance = {"dinov2": 1e-5, "antialias": 2e-6}[rule] * scale  # torch's float32 coordinates
+  out = vit.resample_patch_pos_embed(pos, src, dst, rule)
+  assert out.shape == (1, dst[0] * dst[1], 4)
+  np.testing.assert_allclose(out, reference, rtol=0, atol=tolerance)
+  other = {"dinov2": "antialias", "antialias": "dinov2"}[rule]
+  assert np.abs(vit.resample_patch_pos_embed(pos, src, dst, other) - reference).max() > 0.1 * scale
+
+
+def test_resampling_rule_of_a_model():
+  def rule(**kwargs):
+    return _abstract("vit_small_patch14", **TINY, **kwargs).resampling
+
+  assert rule() == "dinov2" and rule(num_registers=4) == "antialias"
+  assert rule(pos_embed_resampling="antialias") == "antialias"
+  assert rule(num_registers=4, pos_embed_resampling="dinov2") == "dinov2"
+  with pytest.raises(ValueError, match="pos_embed_resampling must be one of auto, dinov2"):
+    rule(pos_embed_resampling="bilinear")
+  with pytest.raises(ValueError, match="Unknown position-embedding resampling 'nearest'"):
+    vit.resample_patch_pos_embed(np.zeros((1, 4, 2)), (2, 2), (3, 3), "nearest")
+
+
+@pytest.mark.parametrize("rule", vit.RESAMPLING)
+def test_resample_identity_and_numpy_jax_agree(rule):
   pos = np.random.default_rng(0).normal(size=(1, 16 * 16, 8)).astype(np.float32)
-  assert vit.resample_patch_pos_embed(pos, (16, 16), (16, 16)) is pos
-  a = vit.resample_patch_pos_embed(pos, (16, 16), (18, 12))
-  b = vit.resample_patch_pos_embed(jnp.asarray(pos), (16, 16), (18, 12))
+  assert vit.resample_patch_pos_embed(pos, (16, 16), (16, 16), rule) is pos
+  a = vit.resample_patch_pos_embed(pos, (16, 16), (18, 12), rule)
+  b = vit.resample_patch_pos_embed(jnp.asarray(pos), (16, 16), (18, 12), rule)
   assert a.shape == (1, 18 * 12, 8)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_antialiased_matrix_is_jax_image_resize():
+  # Down (37 -> 16) and up (16 -> 20): the weights jax.image.resize applies to the identity.
+  for old, new in ((37, 16), (16, 20)):
+    expected = jax.image.resize(jnp.eye(old), (new, old), "bicubic", antialias=True)
+    np.testing.assert_allclose(vit._antialiased_bicubic_matrix(old, new), expected, atol=1e-6)
+
+
+def test_sizes_off_the_patch_grid_are_refused():
+  # As DINOv2: a 250 px input would silently lose its last 12 px rows and columns.
+  model = _tiny()
+  with pytest.raises(ValueError, match=r"input size 56x62 px .* 62 px would lose its last 6 px "
+                                       r"\(use 56 or 70 px\)"):
+    model.tokens(_images(width=62))
+  with pytest.raises(ValueError, match=r"image_size\) size 250x250 px .* \(use 238 or 252 px\)"):
+    _abstract("vit_small_patch14", image_size=250)
+  assert vit.valid_sizes_near(250) == [238, 252] and vit.valid_sizes_near(10) == [14]
+  assert vit.valid_sizes_near(224) == [224]
 
 
 def test_registry_and_min_image_size():

@@ -17,8 +17,14 @@ optionally `register_tokens`) or timm's `vit_*_patch14[_reg4]_dinov2.lvd142m`, a
 timm ResNet-50 and ResNeXt-50 32x4d state dicts.
 
 A ViT built by `load_backbone` keeps the file's position grid unless `image_size` is given (then
-the grid is resampled once, at load, the way DINOv2 resamples it at run time); either way it runs
-at any input size. All these weights expect ImageNet normalisation, `normalization(arch)`.
+the grid is resampled once, at load); either way it runs at any multiple of 14 px. Resampling
+follows the file's origin (`weight_layouts.vit_position_resampling`): DINOv2's offset rule for
+original DINOv2 / DinoBloom files without registers, antialiased bicubic for files with
+registers and timm-layout files (`bmcc.models.vit`). `load_backbone` also sets the model's
+run-time rule from the file; `load_into` uses the file's rule at load unless the model names one
+(`pos_embed_resampling`), and leaves the model's run-time rule to its config, so that a run and
+its restored checkpoints resample alike. All these weights expect ImageNet normalisation,
+`normalization(arch)`.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class LoadedWeights:
     tensors: number of tensors loaded.
     position_grid: (file grid, model grid) of a ViT's position embedding; they differ when it was
       resampled at load. None for ResNets.
+    position_resampling: a ViT's resampling rule at load ("dinov2" or "antialias"); None for
+      ResNets.
   """
 
   arch: str
@@ -86,6 +94,7 @@ class LoadedWeights:
   normalization: Normalization
   tensors: int
   position_grid: tuple[int, int] | None = None
+  position_resampling: str | None = None
 
 
 class PretrainedWeightsError(ValueError):
@@ -131,7 +140,8 @@ def load_backbone(arch: str, source: str | os.PathLike, *, num_classes: int | No
     dtype: compute dtype; parameters stay float32.
     rngs: keys of the new head (default `nnx.Rngs(0)`).
     **model_config: further `create_model` arguments (e.g. `drop_path_rate`; or a non-standard
-      width/depth, for small test models). A ViT's `num_registers` defaults to the file's.
+      width/depth, for small test models). A ViT's `num_registers` defaults to the file's, its
+      `pos_embed_resampling` ("auto") to the file's origin.
 
   Returns:
     The model, with `input_mean` / `input_std` (0..255 scale) and `pretrained` (`LoadedWeights`)
@@ -142,6 +152,8 @@ def load_backbone(arch: str, source: str | os.PathLike, *, num_classes: int | No
   config = dict(model_config, dtype=dtype)
   if kind == "vit" and layouts.family(state) == "vit":
     config.setdefault("num_registers", layouts.vit_registers(state))
+    if config.get("pos_embed_resampling", "auto") == "auto":
+      config["pos_embed_resampling"] = layouts.vit_position_resampling(state, layout)
     grid = layouts.vit_position_grid(state)
     config["image_size"] = image_size or (grid * PATCH_SIZE if grid else 224)
   model = nnx.eval_shape(lambda: create_model(arch, num_classes=0, rngs=nnx.Rngs(0), **config))
@@ -171,8 +183,10 @@ def load_into(model: nnx.Module, arch: str, source: str | os.PathLike) -> Loaded
   return _load(model, arch, state, layout, os.fspath(source), path)
 
 
-def _fit_pos_embed(value: np.ndarray, model: VisionTransformer) -> np.ndarray | None:
-  """The file's position embedding resampled to the model's grid, None if it cannot be."""
+def _fit_pos_embed(value: np.ndarray, model: VisionTransformer, method: str
+                   ) -> np.ndarray | None:
+  """The file's position embedding resampled to the model's grid by `method`, None if it cannot
+  be."""
   expected = model.pos_embed.shape
   if value.ndim != 3 or value.shape[-1] != expected[-1]:
     return None
@@ -181,7 +195,8 @@ def _fit_pos_embed(value: np.ndarray, model: VisionTransformer) -> np.ndarray | 
   side = int(round(patches**0.5))
   if side * side != patches or side == 0:
     return None
-  resampled = resample_patch_pos_embed(value[:, prefix:], (side, side), (model.grid, model.grid))
+  resampled = resample_patch_pos_embed(value[:, prefix:], (side, side), (model.grid, model.grid),
+                                       method)
   return np.concatenate([value[:, :prefix], resampled], axis=1)
 
 
@@ -192,13 +207,16 @@ def _load(model: nnx.Module, arch: str, state: dict[str, np.ndarray], layout: st
   missing = sorted(k for k in targets if k not in state)
   unexpected = sorted(k for k in state if k not in targets and not layouts.ignored(k))
   wrong, values = [], {}
-  file_grid = None
+  file_grid = resampling = None
+  if isinstance(model, VisionTransformer):
+    resampling = (model.pos_embed_resampling if model.pos_embed_resampling != "auto"
+                  else layouts.vit_position_resampling(state, layout))
   for key, target in targets.items():
     if key not in state:
       continue
     value = np.asarray(state[key], np.float32)
     if key == "pos_embed" and value.shape != target.file_shape:
-      fitted = _fit_pos_embed(value, model)
+      fitted = _fit_pos_embed(value, model, resampling)
       if fitted is not None:
         file_grid = int(round((value.shape[1] - (1 if model.embed_class else 0)) ** 0.5))
         value = fitted
@@ -217,7 +235,8 @@ def _load(model: nnx.Module, arch: str, state: dict[str, np.ndarray], layout: st
   if isinstance(model, VisionTransformer):
     grid = (file_grid or model.grid, model.grid)
   return LoadedWeights(arch=arch, source=source, path=path, layout=layout,
-                       normalization=normalization(arch), tensors=len(values), position_grid=grid)
+                       normalization=normalization(arch), tensors=len(values), position_grid=grid,
+                       position_resampling=resampling)
 
 
 def _listing(title: str, keys: list[str]) -> str:

@@ -13,11 +13,20 @@ evaluation input with one block. `patch_tokens` gives the normalised patch token
 probabilities (for attention rollout, `bmcc.explain.methods`).
 
 Position embedding: stored for the patch grid of `image_size` (224 px -> 16 x 16 by default). An
-input of another size gets the patch part resampled bicubically exactly as DINOv2 does it (PyTorch
-`interpolate(mode="bicubic", antialias=False)` with scale factor (grid + 0.1) / stored grid), so
-features at any size match DINOv2's. As in timm, a model without registers keeps a position for
-the CLS token inside `pos_embed`; with registers, `pos_embed` covers the patches only (the CLS
-position is folded into `cls_token`) and neither CLS nor registers get a position.
+input of another size gets the patch part resampled bicubically by one of two rules
+(`pos_embed_resampling`), so that features at any size match those of the weights' origin:
+
+- "dinov2": the original DINOv2 hub models without registers (and DinoBloom): PyTorch
+  `interpolate(mode="bicubic", antialias=False)` with scale factor (grid + 0.1) / stored grid.
+- "antialias": DINOv2's `*_reg` hub models and timm (`resample_abs_pos_embed`): PyTorch's
+  antialiased bicubic to the new size, no offset (`jax.image.resize(..., "bicubic",
+  antialias=True)` computes the same weights).
+
+"auto" (the default) is "antialias" with registers and "dinov2" without; `bmcc.models.pretrained`
+picks the rule from the weight file's layout. As in timm, a model without registers keeps a
+position for the CLS token inside `pos_embed`; with registers, `pos_embed` covers the patches only
+(the CLS position is folded into `cls_token`) and neither CLS nor registers get a position.
+Inputs whose sides are not multiples of the 14 px patch are refused, as DINOv2 refuses them.
 
 Activations are computed in `dtype`; parameters stay float32 and outputs are returned as float32.
 Attention goes through `jax.nn.dot_product_attention` (pass `attention_impl="cudnn"` to force the
@@ -38,6 +47,7 @@ PATCH_SIZE = 14
 # (new grid + 0.1) / old grid, a historical kludge kept for backward compatibility.
 _INTERPOLATE_OFFSET = 0.1
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (non-antialiased path)
+RESAMPLING = ("dinov2", "antialias")  # position-embedding resampling rules (module docstring)
 _LINEAR_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _POS_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _CLS_INIT = nnx.initializers.normal(stddev=1e-6)
@@ -51,6 +61,28 @@ SIZES: dict[str, dict[str, Any]] = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "giant": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
 }
+
+
+def valid_sizes_near(size: int) -> list[int]:
+  """The multiples of the patch size nearest `size` (below and above; one if `size` is one)."""
+  below = size // PATCH_SIZE * PATCH_SIZE
+  if below == size:
+    return [size]
+  return [n for n in (below, below + PATCH_SIZE) if n >= PATCH_SIZE]
+
+
+def check_image_size(height: int, width: int, what: str = "input") -> None:
+  """Raises ValueError unless `height` and `width` are multiples of the patch size.
+
+  DINOv2 refuses such inputs too: the patch embedding would silently drop the last rows and
+  columns (their gradient exactly 0).
+  """
+  for side in sorted({height, width}):
+    if side % PATCH_SIZE:
+      raise ValueError(
+          f"The {what} size {height}x{width} px is not a multiple of the {PATCH_SIZE} px patch: "
+          f"{side} px would lose its last {side % PATCH_SIZE} px (use "
+          f"{' or '.join(map(str, valid_sizes_near(side)))} px).")
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
@@ -82,18 +114,60 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return matrix
 
 
-def resample_patch_pos_embed(pos: jax.Array, src_grid: tuple[int, int],
-                             dst_grid: tuple[int, int]) -> jax.Array:
-  """Resamples patch position embeddings [1, Hs*Ws, D] to [1, Hd*Wd, D] as DINOv2 does.
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel at |x| (support 2)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, np.zeros_like(x)))
 
-  Works on numpy and jax arrays (the interpolation matrices are numpy constants). Returns the
-  input unchanged when the grids agree, as DINOv2 does.
+
+def _antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] matrix of PyTorch's 1-D antialiased bicubic resampling to `out_size`.
+
+  Keys' kernel with A=-0.5, widened by the downsampling factor in/out when it is above 1, taps
+  beyond the edges dropped and the weights renormalised: PyTorch's `interpolate(size=...,
+  mode="bicubic", antialias=True)`, which `jax.image.resize(..., "bicubic", antialias=True)`
+  also computes. In float32 with PyTorch's own operations (its CPU `_upsample_bicubic2d_aa`), so
+  that the rounding of the source coordinates agrees too (to ~1e-7 instead of ~2e-6).
+  """
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  support = f32(2) * max(scale, f32(1))
+  invscale = f32(1) / scale if scale >= 1 else f32(1)
+  center = scale * (np.arange(out_size, dtype=f32) + f32(0.5))
+  first = np.maximum((center - support + f32(0.5)).astype(np.int64), 0)
+  stop = np.minimum((center + support + f32(0.5)).astype(np.int64), in_size)
+  taps = np.arange(in_size)
+  inside = (taps >= first[:, None]) & (taps < stop[:, None])
+  weights = _keys_cubic((taps.astype(f32) - center[:, None] + f32(0.5)) * invscale, f32(-0.5))
+  weights = np.where(inside, weights, f32(0))
+  return (weights / weights.sum(axis=1, keepdims=True, dtype=f32)).astype(f32)
+
+
+def _resampling_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+  if method == "dinov2":
+    return _bicubic_matrix(in_size, out_size).astype(np.float32)
+  if method == "antialias":
+    return _antialiased_bicubic_matrix(in_size, out_size)
+  raise ValueError(f"Unknown position-embedding resampling {method!r}: use one of "
+                   f"{', '.join(RESAMPLING)}.")
+
+
+def resample_patch_pos_embed(pos: jax.Array, src_grid: tuple[int, int],
+                             dst_grid: tuple[int, int], method: str = "dinov2") -> jax.Array:
+  """Resamples patch position embeddings [1, Hs*Ws, D] to [1, Hd*Wd, D].
+
+  `method`: "dinov2" (offset 0.1, no antialias: DINOv2 without registers) or "antialias"
+  (antialiased bicubic to the size: DINOv2 with registers, timm). Works on numpy and jax arrays
+  (the interpolation matrices are numpy constants). Returns the input unchanged when the grids
+  agree, as DINOv2 and timm do.
   """
   if tuple(src_grid) == tuple(dst_grid):
     return pos
   (hs, ws), (hd, wd) = src_grid, dst_grid
-  rows = _bicubic_matrix(hs, hd).astype(np.float32)
-  cols = _bicubic_matrix(ws, wd).astype(np.float32)
+  rows = _resampling_matrix(hs, hd, method)
+  cols = _resampling_matrix(ws, wd, method)
   if isinstance(pos, np.ndarray):
     out = np.einsum("ah,bw,hwd->abd", rows, cols, pos.astype(np.float32).reshape(hs, ws, -1))
   else:
@@ -251,7 +325,8 @@ class VisionTransformer(nnx.Module):
                num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", num_registers: int = 0,
                image_size: int = 224, layer_scale: float = 1e-5, drop_path_rate: float = 0.0,
                dropout: float = 0.0, attention_impl: str | None = None, in_features: int = 3,
-               dtype: str = "float32", pooling: str = "cls"):
+               dtype: str = "float32", pooling: str = "cls",
+               pos_embed_resampling: str = "auto"):
     """Builds the network.
 
     Args:
@@ -271,13 +346,19 @@ class VisionTransformer(nnx.Module):
       dtype: compute dtype of the activations; parameters stay float32.
       pooling: what `features` (and so the head) sees, one of `POOLINGS`: "cls", or
         "cls_mean_patch" (CLS token and mean patch token concatenated, 2 x embed_dim).
+      pos_embed_resampling: how the position embedding is resampled for inputs of another size:
+        "dinov2", "antialias" or "auto" (see the module docstring).
     """
     if ffn not in ("mlp", "swiglu"):
       raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}.")
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+    if pos_embed_resampling not in ("auto", *RESAMPLING):
+      raise ValueError(f"pos_embed_resampling must be one of auto, {', '.join(RESAMPLING)}; got "
+                       f"{pos_embed_resampling!r}.")
     if image_size < PATCH_SIZE:
       raise ValueError(f"image_size {image_size} is smaller than one {PATCH_SIZE} px patch.")
+    check_image_size(image_size, image_size, "position-embedding (image_size)")
     compute_dtype = jnp.dtype(dtype)
     self.compute_dtype = compute_dtype
     self.patch_size = PATCH_SIZE
@@ -286,6 +367,7 @@ class VisionTransformer(nnx.Module):
     self.num_features = embed_dim * (2 if pooling == "cls_mean_patch" else 1)
     self.num_registers = num_registers
     self.embed_class = num_registers == 0
+    self.pos_embed_resampling = pos_embed_resampling
     self.patch_embed = nnx.Conv(in_features, embed_dim, (PATCH_SIZE, PATCH_SIZE),
                                 strides=(PATCH_SIZE, PATCH_SIZE), padding="VALID",
                                 dtype=compute_dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -306,15 +388,26 @@ class VisionTransformer(nnx.Module):
     self.head = nnx.Linear(self.num_features, num_classes, dtype=compute_dtype,
                            param_dtype=jnp.float32, rngs=rngs)
 
+  @property
+  def resampling(self) -> str:
+    """The position-embedding resampling rule in use: "dinov2" or "antialias"."""
+    if self.pos_embed_resampling != "auto":
+      return self.pos_embed_resampling
+    return "dinov2" if self.embed_class else "antialias"
+
   def _position_embedding(self, grid: tuple[int, int]) -> jax.Array:
     """Position embedding of the patches for a `grid` of patches, [1, gh*gw, D] float32."""
     pos = self.pos_embed[...]
     if self.embed_class:
       pos = pos[:, 1:]
-    return resample_patch_pos_embed(pos, (self.grid, self.grid), grid)
+    return resample_patch_pos_embed(pos, (self.grid, self.grid), grid, self.resampling)
 
   def tokens(self, x: jax.Array) -> jax.Array:
-    """Embedded tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) before the blocks."""
+    """Embedded tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) before the blocks.
+
+    Raises ValueError when the image height or width is not a multiple of the patch size.
+    """
+    check_image_size(x.shape[1], x.shape[2])
     x = self.patch_embed(x.astype(self.compute_dtype))
     batch, gh, gw, dim = x.shape
     x = x.reshape(batch, gh * gw, dim) + self._position_embedding((gh, gw)).astype(x.dtype)

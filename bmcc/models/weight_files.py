@@ -11,6 +11,11 @@ Two on-disk formats are read directly:
   rebuilds tensors, parameters and plain containers, like `torch.load(weights_only=True)`, and
   refuses any other object, so loading a file never runs code from it.
 
+Formats are told apart by structure, not by file name: a file is safetensors when its first
+8 bytes give a header length that fits the file, byte 8 is `{` and the header parses as a JSON
+object (checked before anything else: the length's first byte is 0x80, the pickle protocol byte,
+in 1 file of 256); else a zip is PyTorch's, and a file starting with 0x80 a legacy pickle.
+
 The legacy (pre-1.6, non-zip) PyTorch format needs torch itself and is read with
 `torch.load(weights_only=True)` only if torch is installed. `resolve` turns a source into a local
 path: a file, or `hf-hub:<owner>/<repo>[/<file>]`, fetched with `huggingface_hub` (the only place
@@ -94,15 +99,37 @@ def read(path: str | os.PathLike) -> Any:
   path = os.fspath(path)
   with open(path, "rb") as f:
     head = f.read(9)
+  # Structure first: a safetensors header length is arbitrary bytes, so its first byte may be
+  # 0x80 (the pickle protocol byte) or anything else; only a valid header decides.
+  if _is_safetensors(path):
+    return _read_safetensors(path)
   if head.startswith(b"PK\x03\x04"):
     return _read_torch_zip(path)
   if head[:1] == b"\x80":
     return _read_torch_legacy(path)
   if (len(head) == 9 and head[8:9] == b"{") or path.endswith(".safetensors"):
-    return _read_safetensors(path)
+    return _read_safetensors(path)  # a damaged safetensors file: say what is wrong with it
   raise WeightFileError(
       f"{path}: not a recognised weight file (expected safetensors or a PyTorch .pth/.bin zip; "
       f"it starts with {head!r}).")
+
+
+def _is_safetensors(path: str) -> bool:
+  """Whether `path` has a safetensors structure: an 8-byte little-endian header length that fits
+  the file, `{` at byte 8, and a header that parses as a JSON object."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    prefix = f.read(9)
+    if len(prefix) < 9 or prefix[8:9] != b"{":
+      return False
+    header_len = int.from_bytes(prefix[:8], "little")
+    if not 2 <= header_len <= min(_MAX_HEADER, size - 8):
+      return False
+    f.seek(8)
+    try:
+      return isinstance(json.loads(f.read(header_len)), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      return False
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:

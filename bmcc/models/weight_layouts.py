@@ -216,6 +216,18 @@ def vit_position_grid(state: Mapping[str, Any]) -> int | None:
   return side if side * side == patches else None
 
 
+def vit_position_resampling(state: Mapping[str, Any], layout: str) -> str:
+  """How the weights' origin resamples a canonical ViT state dict's position embedding.
+
+  "dinov2" (offset 0.1, no antialias) for original DINOv2 / DinoBloom files without registers;
+  "antialias" (antialiased bicubic, no offset) for files with registers (DINOv2's `*_reg` hub
+  models) and for timm-layout files (timm's `resample_abs_pos_embed`). See `bmcc.models.vit`.
+  """
+  if vit_registers(state) or "timm ViT layout" in layout:
+    return "antialias"
+  return "dinov2"
+
+
 def vit_registers(state: Mapping[str, Any]) -> int:
   """Number of register tokens in a canonical ViT state dict."""
   reg = _shape(state, "reg_token")
