@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -67,10 +69,17 @@ def _shrunk(name: str, cache_dir: str):
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_config_trains_a_few_steps(name, cache_dir, tmp_path):
+def test_config_trains_a_few_steps(name, cache_dir, tmp_path, caplog):
+  caplog.set_level(logging.INFO)
   config = _shrunk(name, cache_dir)
   workdir = str(tmp_path / name)
   report = train.train_and_evaluate(config, workdir)
+  # A person can read the progress in the log: images/s, time per epoch, time left.
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Progress: ")]
+  assert len(lines) == 1, lines
+  assert re.fullmatch(r"Progress: step 2/2 \(100\.0%\), epoch \d+\.\d\d of \d+\.\d\d: "
+                      r"\d+\.\d images/s, \d+\.\d s per epoch, 0s left \(.* elapsed.*\)",
+                      lines[0]), lines[0]
   assert report["checkpoint_step"] == 2
   assert report["num_examples"] > 0
   assert all(math.isfinite(report[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1"))
