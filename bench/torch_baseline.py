@@ -165,7 +165,8 @@ def main() -> None:
          "folds": len(folds), "epochs": args.epochs, "minutes": (time.time() - start) / 60}
   for key in ("balanced_accuracy", "accuracy"):
     values = [f[key] for f in folds]
-    row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+    row[key] = {"mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 "folds": values}
   with open(args.out, "w") as f:
     json.dump({"row": row, "folds": folds, "torch": torch.__version__, "args": vars(args)}, f,
