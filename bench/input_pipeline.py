@@ -16,8 +16,9 @@ bytes from the data source held in memory; `decode_and_crop_jpeg` with a random 
 `sample_distorted_bounding_box` (same scale and ratio ranges), resize to the image size, random
 flip and rot90, brightness/contrast/saturation/hue jitter of the same strength, uint8, batch,
 prefetch, AUTOTUNE parallelism (TensorFlow's standard ImageNet-style input). It has no Gaussian
-blur. `--compare_decoders` times JPEG decoding alone: PIL (`decode_image`, evaluation's),
-OpenCV at reduced DCT scale (training's) and simplejpeg if installed.
+blur. `--compare_decoders` times JPEG decoding alone: bmcc's one decoder (`decode_image`:
+OpenCV at reduced DCT scale + bilinear), PIL's draft + antialiased bilinear, and simplejpeg if
+installed.
 
 The LAST line is `images_per_second=<float>`: tf.data's with `--baseline=tfdata`, else ours (the
 best over `--workers`).
@@ -146,11 +147,13 @@ def _tfdata(config, inputs, labels, batch_size: int) -> float:
 
 
 def _compare_decoders(source) -> None:
+  import io
   import math
 
   import cv2
+  import numpy as np
+  from PIL import Image
 
-  from bmcc.data import augment
   from bmcc.data.decode import decode_image
 
   datas = [bytes(source[i]["image"]) for i in range(min(256, len(source)))]
@@ -162,11 +165,15 @@ def _compare_decoders(source) -> None:
     return cv2.resize(image, (size, size),
                       interpolation=cv2.INTER_AREA if shrink_2x else cv2.INTER_LINEAR)
 
-  def opencv(data, size):
-    return cv2.cvtColor(resize(augment._decode(data, size), size), cv2.COLOR_BGR2RGB)
+  def pil(data, size):
+    with Image.open(io.BytesIO(data)) as image:
+      image.draft("RGB", (size, size))
+      return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR,
+                                                    reducing_gap=None))
 
-  decoders = {"PIL draft + antialiased bilinear (eval)": decode_image,
-              "OpenCV IMREAD_REDUCED_* + bilinear": opencv}
+  decoders = {"bmcc decode_image: OpenCV IMREAD_REDUCED_* + bilinear (train/eval/predict)":
+              decode_image,
+              "PIL draft + antialiased bilinear (evaluation's before)": pil}
   try:
     import simplejpeg
 

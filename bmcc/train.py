@@ -67,7 +67,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
 
   Returns None when `config.stop_at_step` stopped the run before its end.
   """
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: keep out of benchmarks
+  from clu import metric_writers  # imports TensorFlow: keep out of benchmarks
+
+  from bmcc import progress as progress_lib
 
   config_validation.validate(config, workdir)
   workdir = os.path.abspath(workdir)
@@ -113,8 +115,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:
     writer.write_hparams(_hparams(config))
-  report_progress = periodic_actions.ReportProgress(num_train_steps=durations.total,
-                                                    writer=writer)
+  report_progress = progress_lib.Progress(
+      num_train_steps=durations.total, steps_per_epoch=data.steps_per_epoch,
+      batch_size=config.batch_size, every_steps=config.log_every_steps, writer=writer)
   dropout_base = jax.random.key(config.seed + 1)
   stopped_early = bool(progress.get("stopped_early"))
   last_step = start_step if stopped_early else min(durations.total,

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,12 +45,16 @@ def test_shape_dtype_determinism_and_changes(jpeg, size):
              for o in outputs)
 
 
-def test_without_augmentation_it_is_a_plain_resize(jpeg):
-  for size in (250, 224, 64):
-    out = _run(jpeg, size, NO_OPS, 0)
-    reference = decode_image(jpeg, size)  # PIL: the evaluation resize
-    assert np.abs(out.astype(int) - reference).mean() < 2.0  # only the resampling filter differs
-  np.testing.assert_array_equal(_run(jpeg, 250, NO_OPS, 0), decode_image(jpeg, 250))
+@pytest.mark.parametrize("size", [250, 224, 100, 64, 37, 16])
+def test_without_augmentation_it_is_evaluations_picture_bit_for_bit(jpeg, size):
+  """No train/evaluation skew: training's decode and resize are evaluation's, at any size."""
+  np.testing.assert_array_equal(_run(jpeg, size, NO_OPS, 0), decode_image(jpeg, size))
+  wide = _jpeg(np.random.default_rng(size).integers(0, 255, (120, 300, 3), dtype=np.uint8))
+  np.testing.assert_array_equal(_run(wide, size, NO_OPS, 0), decode_image(wide, size))
+  # Only orientation and colour on: the picture is still one of evaluation's 8 views of it.
+  views = {np.rot90(decode_image(jpeg, size), k)[:, ::-1 if flip else None].tobytes()
+           for k in range(4) for flip in (False, True)}
+  assert _run(jpeg, size, dataclasses.replace(NO_OPS, dihedral=True), 3).tobytes() in views
 
 
 def test_non_square_and_greyscale_inputs():
@@ -75,16 +80,22 @@ def test_dihedral_gives_all_eight_orientations():
 
 
 def test_crop_zooms_in_and_reduced_scale_decoding(jpeg):
-  assert augment.jpeg_size(jpeg) == (250, 250)
-  assert augment.jpeg_size(_jpeg(np.zeros((30, 70, 3), np.uint8))) == (30, 70)
-  png = io.BytesIO()
-  Image.new("RGB", (5, 5)).save(png, "PNG")
-  assert augment.jpeg_size(png.getvalue()) is None and augment.jpeg_size(b"") is None
-  # DCT scaling: the smallest of 1/1, 1/2, 1/4, 1/8 that keeps the needed pixels.
-  assert augment._decode(jpeg, 224).shape == (250, 250, 3)
-  assert augment._decode(jpeg, 100).shape == (125, 125, 3)
-  assert augment._decode(jpeg, 48).shape == (63, 63, 3)
-  assert augment._decode(jpeg, 20).shape == (32, 32, 3)
+  # DCT scaling: the smallest of 1/1, 1/2, 1/4, 1/8 that keeps >= size pixels in the crop, the
+  # crop cut at whole pixels, then bilinear: a reference made by hand.
+  flags = {125: cv2.IMREAD_REDUCED_COLOR_2, 63: cv2.IMREAD_REDUCED_COLOR_4, 250: cv2.IMREAD_COLOR}
+  for size, box, decoded, (top, left, side_h, side_w) in (
+      (64, (0.1, 0.2, 0.6, 0.6), 125, (25, 12, 75, 75)),
+      # 1/2 would leave 62.5 rows < 64; the 150 columns shrink >= 2x: area averaging.
+      (64, (0.1, 0.2, 0.6, 0.5), 250, (50, 25, 125, 150)),
+      (20, (0.0, 0.0, 0.5, 0.5), 63, (0, 0, 32, 32)),
+      (224, (0.05, 0.0, 0.9, 0.95), 250, (0, 12, 238, 225))):
+    full = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags[decoded])[..., ::-1]
+    assert full.shape == (decoded, decoded, 3)
+    crop = full[top:top + side_h, left:left + side_w]
+    area = max(side_h, side_w) >= 2 * size
+    reference = cv2.resize(crop, (size, size),
+                           interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(decode_image(jpeg, size, box), reference)
   # A crop of ~1/4 of the area is a zoom by ~2: the output matches no full-image view.
   config = dataclasses.replace(NO_OPS, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
   u = np.full(augment._NUM_DRAWS, 0.5)

@@ -6,10 +6,11 @@ releases the GIL), in this order:
 
 1. Random resized crop: a box of `crop_scale` of the image area with aspect ratio (width / height)
    in `crop_ratio` (log-uniform), at a uniform position; `crop_scale=(1, 1)` keeps the whole image.
-2. Decoding at reduced JPEG scale: libjpeg-turbo's DCT scaling decodes at 1/2, 1/4 or 1/8 of the
-   stored size whenever the crop still has at least `size` pixels on its shorter side there (a 250
-   px image at `size` 64 is decoded at 125 px), then the crop is resized to `size`: bilinear (the
-   shrink left after DCT scaling is under 2x), area averaging only for a 2x or larger shrink.
+2. Decoding and resizing by the one decoder (`bmcc.data.decode.decode_image` with the crop box):
+   libjpeg-turbo's DCT scaling decodes at 1/2, 1/4 or 1/8 of the stored size whenever the crop
+   still has at least `size` pixels a side there (a 250 px image at `size` 64 is decoded at 125
+   px), the crop is cut, then resized to `size` with bilinear interpolation. Without a crop this
+   is exactly evaluation's and prediction's picture, bit for bit.
 3. One of the 8 rotations by multiples of 90 degrees and flips, uniformly (cells have no
    orientation).
 4. Stain (colour) jitter as ONE affine colour map, applied in one pass with rounding and clipping
@@ -23,7 +24,7 @@ releases the GIL), in this order:
 Randomness comes only from the `np.random.Generator` passed in (grain's `random_map` gives one per
 example from the pipeline seed and the example's position), and every example draws the same
 number of values whatever the settings, so turning one augmentation on or off does not change the
-others. Evaluation does not come here: it is a deterministic resize (`pipeline.decode_image`).
+others. Evaluation does not come here: it is the same decode and resize of the whole image.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from bmcc.data import decode
 
 # Luminance weights of the SVG/CSS colour filters (Rec. 709, rounded so that they sum to 1).
 _LUMA = np.array([0.213, 0.715, 0.072])
@@ -51,12 +54,7 @@ _CROP_TRIES = 10  # random-resized-crop proposals per example before falling bac
 # colour factors (brightness, contrast, saturation, hue), blur (apply?, sigma).
 _NUM_DRAWS = 2 * _CROP_TRIES + 2 + 1 + 4 + 2
 
-# EXIF orientation is ignored, as PIL (and so evaluation) does.
-_REDUCED_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in (
-    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
-    (8, cv2.IMREAD_REDUCED_COLOR_8))}
 _ROTATIONS = (None, cv2.ROTATE_90_COUNTERCLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_CLOCKWISE)
-_cv2_configured = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,42 +125,6 @@ def resolve(augment: AugmentConfig | bool | None) -> AugmentConfig | None:
   return None if config.is_identity else config
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-  """(height, width) from a JPEG's frame header, or None if `data` is not a readable JPEG.
-
-  Reads only the marker segments up to the first start-of-frame (a few microseconds).
-  """
-  if data[:2] != b"\xff\xd8":
-    return None
-  pos, end = 2, len(data)
-  while pos + 4 <= end:
-    if data[pos] != 0xFF:
-      return None
-    marker = data[pos + 1]
-    if marker == 0xFF:  # fill byte
-      pos += 1
-      continue
-    if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-      pos += 2
-      continue
-    length = int.from_bytes(data[pos + 2:pos + 4], "big")
-    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-      if pos + 9 > end:
-        return None
-      return (int.from_bytes(data[pos + 5:pos + 7], "big"),
-              int.from_bytes(data[pos + 7:pos + 9], "big"))
-    pos += 2 + length
-  return None
-
-
-def _configure_cv2() -> None:
-  """One OpenCV thread per process: grain's threads and worker processes do the parallelism."""
-  global _cv2_configured
-  if not _cv2_configured:
-    cv2.setNumThreads(1)
-    _cv2_configured = True
-
-
 def _crop_box(config: AugmentConfig, u: Sequence[float]) -> tuple[float, float, float, float]:
   """(x0, y0, width, height) of the crop as fractions of the image, from uniform draws `u`."""
   if not config.crops and config.crop_ratio[0] <= 1 <= config.crop_ratio[1]:
@@ -180,23 +142,6 @@ def _crop_box(config: AugmentConfig, u: Sequence[float]) -> tuple[float, float, 
     w, h = (1.0, 1.0 / ratio) if ratio >= 1 else (ratio, 1.0)
   x_pos, y_pos = u[2 * _CROP_TRIES], u[2 * _CROP_TRIES + 1]
   return (1 - w) * x_pos, (1 - h) * y_pos, w, h
-
-
-def _decode(data: bytes, min_crop_side: float) -> np.ndarray:
-  """BGR uint8 [H', W', 3], decoded at the smallest DCT scale (1, 1/2, 1/4 or 1/8) at which the
-  image's shorter side is still at least `min_crop_side` pixels."""
-  factor = 1
-  shape = jpeg_size(data)
-  if shape is not None:
-    short = min(shape)
-    for f in (8, 4, 2):
-      if math.ceil(short / f) >= min_crop_side:
-        factor = f
-        break
-  image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED_FLAGS[factor])
-  if image is None:
-    raise ValueError("OpenCV could not decode the image bytes.")
-  return image
 
 
 def _color_matrix(config: AugmentConfig, u: Sequence[float], mean_rgb: Sequence[float]
@@ -219,21 +164,9 @@ def _color_matrix(config: AugmentConfig, u: Sequence[float], mean_rgb: Sequence[
 def augment_image(data: bytes, size: int, config: AugmentConfig,
                   rng: np.random.Generator) -> np.ndarray:
   """JPEG bytes -> augmented uint8 [size, size, 3] RGB image (see the module docstring)."""
-  _configure_cv2()
+  decode.configure_cv2()
   u = rng.random(_NUM_DRAWS).tolist()
-  x0, y0, w, h = _crop_box(config, u)
-  image = _decode(data, size / min(w, h))
-  height, width = image.shape[:2]
-  left, top = round(x0 * width), round(y0 * height)
-  crop_w = min(max(1, round(w * width)), width - left)
-  crop_h = min(max(1, round(h * height)), height - top)
-  image = image[top:top + crop_h, left:left + crop_w]
-  if (crop_h, crop_w) != (size, size):
-    # Reduced-scale decoding leaves less than a 2x shrink, where bilinear is ~10x faster than
-    # area averaging (OpenCV's INTER_AREA is slow at non-integer factors) and barely aliases.
-    shrink_2x = crop_h >= 2 * size and crop_w >= 2 * size
-    image = cv2.resize(image, (size, size),
-                       interpolation=cv2.INTER_AREA if shrink_2x else cv2.INTER_LINEAR)
+  image = decode.decode_image(data, size, _crop_box(config, u))  # RGB
   k = 2 * _CROP_TRIES + 2
   if config.dihedral:
     orientation = min(int(u[k] * 8), 7)
@@ -242,11 +175,7 @@ def augment_image(data: bytes, size: int, config: AugmentConfig,
     if orientation >= 4:
       image = cv2.flip(image, 1)
   if config.recolours:
-    mean_rgb = cv2.mean(image)[2::-1]  # cv2.mean is in BGR(A) order
-    matrix = _color_matrix(config, u[k + 1:k + 5], mean_rgb)
-    image = cv2.transform(image, matrix[:, [2, 1, 0, 3]])  # BGR in, RGB out (rows are RGB)
-  else:
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = cv2.transform(image, _color_matrix(config, u[k + 1:k + 5], cv2.mean(image)[:3]))
   if u[k + 5] < config.blur_prob:
     lo, hi = config.blur_sigma
     image = cv2.GaussianBlur(image, (0, 0), sigmaX=lo + (hi - lo) * u[k + 6],
