@@ -106,6 +106,12 @@ BAD_VALUES = [
     ("final_eval_checkpoint", "first"),
     ("batch_size", 6),
     ("eval_batch_size", 0),
+    # Sharding and gradient accumulation (tiny: batch 16 on the 4 fake devices).
+    ("sharding", "model"),
+    ("fsdp_min_bytes", -1),
+    ("accumulate_steps", 0),
+    ("accumulate_steps", 3),
+    ("finetune.freeze_backbone", "yes"),
 ]
 
 
