@@ -12,7 +12,8 @@ compute and float32 parameters, compiled ahead of time for a mesh of N devices (
 unless real accelerators are present: `--xla_force_host_platform_device_count` is set before jax
 starts). `compiled.memory_analysis()` gives per device the bytes of the arguments (state and
 batch), of the outputs, of the outputs that alias donated arguments, and of the temporaries; the
-peak is arguments + outputs - aliased + temporaries (`bytes_per_device`). One JSON line per case:
+peak is arguments + outputs - aliased + temporaries (`bytes_per_device`); `flops` is XLA's count
+for one device's program. One JSON line per case:
 
   {"model": "vit_giant_patch14", "sharding": "fsdp", "devices": 8, "batch_per_device": 1,
    "bytes_per_device": ..., "argument_bytes": ..., "output_bytes": ..., "alias_bytes": ...,
@@ -142,6 +143,8 @@ def memory_analysis(model: str, *, sharding: str = "data", devices: int = 1,
     compiled = jax.jit(pure_step, donate_argnums=0, out_shardings=(state_shardings, None)).lower(
         state, images, labels, key).compile()
   analysis = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
   seconds = time.time() - start
   argument = int(analysis.argument_size_in_bytes)
   output = int(analysis.output_size_in_bytes)
@@ -159,7 +162,8 @@ def memory_analysis(model: str, *, sharding: str = "data", devices: int = 1,
       "trained_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(trained)),
       "bytes_per_device": total, "gib_per_device": round(total / 2**30, 3),
       "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias,
-      "temp_bytes": temp, "platform": available[0].platform,
+      "temp_bytes": temp, "flops": float(cost.get("flops", 0.0)),
+      "platform": available[0].platform,
       "compile_seconds": round(seconds, 1),
   }
 

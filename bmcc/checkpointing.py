@@ -239,8 +239,7 @@ def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
     model = steps.create_model(config, num_classes)
     # The schedule's values do not shape the optimizer state: any durations will do.
     schedule = steps.create_learning_rate_fn(config, steps.Durations(1, 0, 1, 1))
-    optimizer = nnx.Optimizer(model, steps.create_optimizer(config, schedule, model),
-                              wrt=nnx.Param)
+    optimizer = steps.create_train_optimizer(config, schedule, model)
     target = _pure({"model": model, "optimizer": optimizer})
     if config.get("ema_decay"):
       target["ema"] = target["model"]

@@ -18,8 +18,11 @@ Kept free of TensorFlow, TFDS, grain and clu (benchmarks import it on a bare GPU
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -105,3 +108,33 @@ def describe(tree: Any) -> dict[str, int]:
     split = isinstance(sharding, NamedSharding) and any(s is not None for s in sharding.spec)
     counts["sharded" if split else "replicated"] += 1
   return counts
+
+
+_BATCH_SHARDED = contextvars.ContextVar("bmcc_batch_sharded_activations", default=False)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations() -> Iterator[None]:
+  """While tracing inside this context, `constrain_batch` pins activations to the batch split.
+
+  Under FSDP the training step traces the model inside it. Without the pin XLA's partitioner may
+  instead gather the activations of the whole global batch onto every device and keep the
+  weights split (tensor-parallel style), which makes each device's activation memory grow with
+  the global batch instead of its own share.
+  """
+  token = _BATCH_SHARDED.set(True)
+  try:
+    yield
+  finally:
+    _BATCH_SHARDED.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`x` [N, ...] constrained to be split over the mesh's `data` axis along N, when traced in
+  `batch_sharded_activations` under a mesh whose `data` axis divides N; else `x` unchanged."""
+  if not _BATCH_SHARDED.get():
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AXIS not in mesh.axis_names or x.ndim == 0 or x.shape[0] % mesh.shape[AXIS]:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(AXIS))

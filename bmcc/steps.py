@@ -11,6 +11,7 @@ and XLA inserts the gradient all-reduce (batch-norm statistics are computed over
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -287,7 +288,8 @@ def _accumulated(model: nnx.Module, wrt: nnx.filterlib.Filter, images: jax.Array
     images, labels, j = xs
 
     def loss_of(diff):
-      micro_model = nnx.merge(graphdef, diff, rest)
+      # Fresh Variables for this trace (the carried ones belong to the scan's).
+      micro_model = nnx.merge(graphdef, diff, jax.tree.map(lambda x: x, rest))
       loss, logits = _loss_and_logits(micro_model, images, labels,
                                       jax.random.fold_in(dropout_key, j), class_weights,
                                       label_smoothing)
@@ -329,6 +331,13 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
   """
   model.train()
   wrt = trainable_filter(trainable)
+  with sharding_lib.batch_sharded_activations() if rule.kind == "fsdp" else nullcontext():
+    return _train_step(model, optimizer, images, labels, dropout_key, class_weights, ema,
+                       label_smoothing, accumulate_steps, rule, wrt)
+
+
+def _train_step(model, optimizer, images, labels, dropout_key, class_weights, ema,
+                label_smoothing, accumulate_steps, rule, wrt) -> dict[str, jax.Array]:
   if accumulate_steps == 1:
     def loss_fn(model):
       return _loss_and_logits(model, images, labels, dropout_key, class_weights, label_smoothing)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmcc import sharding
+
 PATCH_SIZE = 14
 # DINOv2's interpolate_offset: the scale factor of the position-embedding resampling is
 # (new grid + 0.1) / old grid, a historical kludge kept for backward compatibility.
@@ -280,7 +282,7 @@ class VisionTransformer(nnx.Module):
     """Final-norm CLS token [N, D] (float32) for images [N, H, W, C]; `rngs` feeds drop-path."""
     x = self.tokens(x)
     for block in self.blocks:
-      x = block(x, rngs=rngs)
+      x = block(sharding.constrain_batch(x), rngs=rngs)  # a no-op outside FSDP training
     return self.norm(x)[:, 0].astype(jnp.float32)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
