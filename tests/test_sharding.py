@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -63,6 +64,7 @@ def _train(config, batches, devices):
                                    jax.device_put(labels, data),
                                    jax.random.fold_in(jax.random.key(1), step), None, ema,
                                    label_smoothing=config.label_smoothing, **options))
+  _train.grad_norms = [float(o["grad_norm"]) for o in outs]  # Adam hides a gradient's scale
   return [float(o["loss"]) for o in outs], model, optimizer, ema
 
 
@@ -112,9 +114,11 @@ def test_fsdp_gives_data_parallel_losses_with_every_large_array_split_four_ways(
 def test_four_micro_batches_of_16_make_the_update_of_one_batch_of_64():
   batches = _batches(2, 64, 28, seed=3)
   ref_losses, ref_model, _, _ = _train(_vit_config(batch_size=64), batches, jax.devices()[:4])
+  ref_norms = _train.grad_norms
   losses, model, _, _ = _train(_vit_config(batch_size=64, accumulate_steps=4), batches,
                                jax.devices()[:4])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(_train.grad_norms, ref_norms, rtol=1e-5)
   ref = nnx.to_pure_dict(nnx.state(ref_model, nnx.Param))
   new = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new, ref)
@@ -134,6 +138,7 @@ def test_accumulation_with_batch_norm_updates_statistics_once_per_micro_batch():
   config.label_smoothing = 0.0
   [(images, labels)] = _batches(1, 16, 16, seed=5)
   _, model, _, _ = _train(config, [(images, labels)], jax.devices()[:4])
+  [grad_norm] = _train.grad_norms
 
   # By hand: the same initial state, two eager micro-batches, one update.
   mesh = steps.create_mesh(jax.devices()[:1])
@@ -146,6 +151,7 @@ def test_accumulation_with_batch_norm_updates_statistics_once_per_micro_batch():
       return optax_ce(logits, labels[j::2])
     grads.append(nnx.grad(loss_fn)(ref))  # updates ref's batch statistics, as training does
   mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  np.testing.assert_allclose(grad_norm, float(optax.tree.norm(mean)), rtol=1e-5)
   optimizer.update(ref, mean)
   expected = nnx.to_pure_dict(nnx.state(ref))
   got = nnx.to_pure_dict(nnx.state(model))
@@ -160,8 +166,6 @@ def test_accumulation_with_batch_norm_updates_statistics_once_per_micro_batch():
 
 
 def optax_ce(logits, labels):
-  import optax
-
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
