@@ -209,3 +209,18 @@ def _memory_config(config, *, frozen: bool):
   config = ml_collections.ConfigDict(config.to_dict())
   config.finetune.freeze_backbone = frozen
   return config
+
+
+def test_a_run_does_not_resume_with_another_set_of_trained_parameters():
+  """The optimizer state differs (a frozen backbone has none): refused with a clear error; the
+  sharding may change between runs."""
+  from bmcc import checkpointing
+  from bmcc.config_validation import ConfigError
+
+  config = _vit_config()
+  saved = checkpointing.run_metadata(config, ("BLA", "EBO"))
+  config.sharding = "fsdp"
+  checkpointing.check_compatible(saved, checkpointing.run_metadata(config, ("BLA", "EBO")), "w")
+  config.finetune.freeze_backbone = True
+  with pytest.raises(ConfigError, match="made with trainable='all', but the config says 'head'"):
+    checkpointing.check_compatible(saved, checkpointing.run_metadata(config, ("BLA", "EBO")), "w")
