@@ -34,7 +34,7 @@ from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB
 BEST_METRIC = "val_balanced_accuracy"
 # Metadata keys a resumed run must agree on with the run that wrote the checkpoint.
 _RESUME_KEYS = ("model", "model_config", "classes", "image_size", "protocol", "fold",
-                "num_folds", "ema_decay", "data_workers", "input_mean", "input_std")
+                "num_folds", "ema_decay", "data_workers", "input_mean", "input_std", "trainable")
 # Values of metadata keys that checkpoints written before the key existed implicitly had.
 _OLD_DEFAULTS = {"input_mean": list(MEAN_RGB), "input_std": list(STDDEV_RGB)}
 
@@ -63,6 +63,8 @@ def run_metadata(config: ml_collections.ConfigDict, codes: tuple[str, ...],
       "data_workers": config.data.num_workers,
       "input_mean": list(mean),
       "input_std": list(std),
+      # What has optimizer state: 'all', or 'head' with `finetune.freeze_backbone`.
+      "trainable": steps.trainable(config),
       "pretrained": config.get("pretrained"),
       "pretrained_weights": pretrained_weights,
   }
@@ -311,8 +313,7 @@ def read_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
     model = steps.create_model(config, num_classes)
     # The schedule's values do not shape the optimizer state: any durations will do.
     schedule = steps.create_learning_rate_fn(config, steps.Durations(1, 0, 1, 1))
-    optimizer = nnx.Optimizer(model, steps.create_optimizer(config, schedule, model),
-                              wrt=nnx.Param)
+    optimizer = steps.create_train_optimizer(config, schedule, model)
     target = _pure({"model": model, "optimizer": optimizer})
     if config.get("ema_decay"):
       target["ema"] = target["model"]

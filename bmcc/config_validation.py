@@ -286,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
           f"config.{key}={value} must be a positive multiple of the device count ({devices}).")
   _validate_schedule(config)
   _validate_probe(config.get("probe"))
+  _validate_sharding(config, devices if training else 1)
   if workdir is None:
     return
   workdir = os.path.abspath(workdir)
@@ -296,6 +297,22 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     raise ConfigError(f"The workdir {workdir!r} is not a writable folder.")
   if training and not _has_checkpoint(workdir):
     check_files(config)
+
+
+def _validate_sharding(config: Any, devices: int) -> None:
+  """`sharding`, `fsdp_min_bytes` and `accumulate_steps` (the batch splits into whole
+  micro-batches on every device)."""
+  # Runs saved before these keys existed (config.json) were data-parallel without accumulation.
+  value = config.get("sharding", "data")
+  _require(value in ("data", "fsdp"), "sharding", value, "must be one of data, fsdp")
+  value = config.get("fsdp_min_bytes", 0)
+  _require(_is_int(value) and value >= 0, "fsdp_min_bytes", value, "must be an integer >= 0")
+  k = config.get("accumulate_steps", 1)
+  _require(_is_int(k) and k >= 1, "accumulate_steps", k, "must be an integer >= 1")
+  if k > 1 and (not _is_int(config.batch_size) or config.batch_size % (k * devices)):
+    raise ConfigError(
+        f"config.accumulate_steps={k} must divide the batch into micro-batches split over the "
+        f"{devices} device(s): batch_size={config.batch_size} is not a multiple of {k * devices}.")
 
 
 # Durations: (steps key, epochs key, smallest value). A `*_steps` value, when set, wins.
@@ -337,6 +354,11 @@ def _check_finetune(config: ml_collections.ConfigDict) -> None:
   _check_number(tune, "freeze_epochs", 0, math.inf, optional=True, path="finetune.")
   _check_number(tune, "head_learning_rate", 0, math.inf, low_open=True, optional=True,
                 path="finetune.")
+  _require(isinstance(tune.get("freeze_backbone", False), bool), "finetune.freeze_backbone",
+           tune.get("freeze_backbone"), "must be True or False")
+  if tune.get("freeze_backbone") and not config.model.startswith(("vit_", "res")):
+    raise ConfigError(f"config.finetune.freeze_backbone needs a ViT or a ResNet (a `head`), not "
+                      f"{config.model!r}.")
   if steps.uses_finetune_optimizer(config) and not config.model.startswith(("vit_", "res")):
     raise ConfigError(f"config.finetune (layer decay, freezing, head rate) needs a ViT or a "
                       f"ResNet, not {config.model!r}.")

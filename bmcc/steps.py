@@ -11,6 +11,8 @@ and XLA inserts the gradient all-reduce (batch-norm statistics are computed over
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,10 @@ import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from bmcc import finetune, models
+from bmcc import sharding as sharding_lib
 from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB, normalize_images
 from bmcc.errors import ConfigError
 from bmcc.models.pretrained import IMAGENET
@@ -147,6 +151,15 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   return optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
+def create_train_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                           model: nnx.Module, freeze_steps: int = 0) -> nnx.Optimizer:
+  """`nnx.Optimizer` of `create_optimizer`'s transformation over the parameters the config
+  trains (`trainable`): all of them, or only the head (no optimizer state for a frozen backbone).
+  """
+  tx = create_optimizer(config, learning_rate_fn, model, freeze_steps)
+  return nnx.Optimizer(model, tx, wrt=trainable_filter(trainable(config)))
+
+
 def set_lr_scale(optimizer: nnx.Optimizer, scale: float) -> None:
   """Sets the reduce-on-plateau multiplier, keeping the variable's sharding."""
   variable = optimizer.opt_state[-1].hyperparams["step_size"]
@@ -207,35 +220,141 @@ def create_ema(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.EMA 
   return nnx.EMA(model, config.ema_decay, only=(nnx.Param, nnx.BatchStat))
 
 
-@nnx.jit(donate_argnums=(0, 1, 6), static_argnames=("label_smoothing",))
+TRAINABLE = ("all", "head")
+
+
+def trainable(config: ml_collections.ConfigDict) -> str:
+  """What the optimizer updates: 'head' when `config.finetune.freeze_backbone` is set (the
+  backbone frozen for the whole run, a linear probe by gradient descent), else 'all'."""
+  tune = config.get("finetune") or {}
+  return "head" if tune.get("freeze_backbone") else "all"
+
+
+def trainable_filter(which: str) -> nnx.filterlib.Filter:
+  """The NNX filter of the parameters that `which` ('all' or 'head') trains: what is
+  differentiated and what has optimizer state."""
+  if which == "all":
+    return nnx.Param
+  if which == "head":
+    return nnx.All(nnx.Param, nnx.PathContains("head"))
+  raise ValueError(f"Unknown trainable {which!r}: use one of {', '.join(TRAINABLE)}.")
+
+
+def _loss_and_logits(model: nnx.Module, images: jax.Array, labels: jax.Array,
+                     dropout_key: jax.Array, class_weights: jax.Array | None,
+                     label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  logits = model(normalize_input(model, images), rngs=nnx.Rngs(dropout=dropout_key))
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
+  if class_weights is not None:
+    losses = losses * class_weights[labels]
+  return losses.mean(), logits
+
+
+def _micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B / k, ...] where micro-batch j holds examples j, j + k, j + 2k, ...
+
+  Strided rather than contiguous so that every micro-batch stays split over all devices (each
+  device's contiguous shard of the batch holds B / (k x devices) examples of each).
+  """
+  x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and sharding_lib.AXIS in mesh.axis_names:
+    x = jax.lax.with_sharding_constraint(x, P(None, sharding_lib.AXIS))
+  return x
+
+
+def _accumulated(model: nnx.Module, wrt: nnx.filterlib.Filter, images: jax.Array,
+                 labels: jax.Array, dropout_key: jax.Array, class_weights: jax.Array | None,
+                 label_smoothing: float, k: int, rule: sharding_lib.Rule
+                 ) -> tuple[jax.Array, jax.Array, Any]:
+  """(mean loss, accuracy, mean gradient) over k micro-batches, one `lax.scan` step each.
+
+  Each micro-batch runs forward and backward alone, so its activations are all that is live;
+  batch-norm layers normalise with the micro-batch's statistics and update their running
+  statistics once per micro-batch (k momentum updates per optimizer step), as PyTorch gradient
+  accumulation does. Dropout draws micro-batch j's masks from `fold_in(dropout_key, j)`. The
+  model's non-trained state (batch-norm statistics) is updated in place.
+  """
+  graphdef, diff, rest = nnx.split(model, wrt, ...)
+
+  def body(carry, xs):
+    grad_sum, rest, loss_sum, correct_sum = carry
+    images, labels, j = xs
+
+    def loss_of(diff):
+      # Fresh Variables for this trace (the carried ones belong to the scan's).
+      micro_model = nnx.merge(graphdef, diff, jax.tree.map(lambda x: x, rest))
+      loss, logits = _loss_and_logits(micro_model, images, labels,
+                                      jax.random.fold_in(dropout_key, j), class_weights,
+                                      label_smoothing)
+      _, _, new_rest = nnx.split(micro_model, wrt, ...)
+      return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), new_rest)
+
+    (loss, (correct, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(diff)
+    grad_sum = sharding_lib.constrain(jax.tree.map(jnp.add, grad_sum, grads), rule)
+    return (grad_sum, rest, loss_sum + loss, correct_sum + correct), None
+
+  zeros = sharding_lib.constrain(jax.tree.map(jnp.zeros_like, diff), rule)
+  init = (zeros, rest, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (grad_sum, rest, loss_sum, correct), _ = jax.lax.scan(
+      body, init, (_micro_batches(images, k), _micro_batches(labels, k), jnp.arange(k)))
+  nnx.update(model, rest)
+  grads = jax.tree.map(lambda g: g / k, grad_sum)
+  return loss_sum / k, correct / labels.shape[0], grads
+
+
+@nnx.jit(donate_argnums=(0, 1, 6),
+         static_argnames=("label_smoothing", "accumulate_steps", "rule", "trainable"))
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
                labels: jax.Array, dropout_key: jax.Array,
                class_weights: jax.Array | None = None, ema: nnx.EMA | None = None,
-               label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+               label_smoothing: float = 0.0, accumulate_steps: int = 1,
+               rule: sharding_lib.Rule = sharding_lib.REPLICATED, trainable: str = "all"
+               ) -> dict[str, jax.Array]:
   """One optimizer step on a (sharded) batch of uint8 images; returns loss, accuracy and norms.
 
   `class_weights` [C], if given, weights each example's loss by its class (mean 1 over the
   training examples: `bmcc.data.sampling.class_weights`). `ema`, if given (`create_ema`), moves
-  towards the updated weights.
+  towards the updated weights. `accumulate_steps` k > 1 computes the gradient of the batch in k
+  micro-batches of B / k (`_accumulated`: one `lax.scan` inside this one program), then makes
+  one update. `rule` (`bmcc.sharding.Rule`) keeps gradients, parameters, optimizer state and the
+  weight average in their layout (under `jax.set_mesh`). `trainable` 'head' differentiates and
+  updates only the head (`trainable_filter`): no gradient flows into the backbone, whose
+  backward pass XLA then drops. Nothing here waits for the host: the metrics come back as device
+  arrays.
   """
   model.train()
+  wrt = trainable_filter(trainable)
+  with sharding_lib.batch_sharded_activations() if rule.kind == "fsdp" else nullcontext():
+    return _train_step(model, optimizer, images, labels, dropout_key, class_weights, ema,
+                       label_smoothing, accumulate_steps, rule, wrt)
 
-  def loss_fn(model):
-    logits = model(normalize_input(model, images), rngs=nnx.Rngs(dropout=dropout_key))
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-      targets = optax.smooth_labels(targets, label_smoothing)
-    losses = optax.softmax_cross_entropy(logits, targets)
-    if class_weights is not None:
-      losses = losses * class_weights[labels]
-    loss = losses.mean()
-    return loss, logits
 
-  (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+def _train_step(model, optimizer, images, labels, dropout_key, class_weights, ema,
+                label_smoothing, accumulate_steps, rule, wrt) -> dict[str, jax.Array]:
+  if accumulate_steps == 1:
+    def loss_fn(model):
+      return _loss_and_logits(model, images, labels, dropout_key, class_weights, label_smoothing)
+
+    (loss, logits), grads = nnx.value_and_grad(
+        loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+    grads = sharding_lib.constrain(grads, rule)
+    accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  else:
+    loss, accuracy, grads = _accumulated(model, wrt, images, labels, dropout_key, class_weights,
+                                         label_smoothing, accumulate_steps, rule)
   optimizer.update(model, grads)
   if ema is not None:
     ema.update(model)
-  accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  if rule.kind != "data":
+    nnx.update(model, sharding_lib.constrain(nnx.state(model), rule))
+    nnx.update(optimizer, sharding_lib.constrain(nnx.state(optimizer), rule))
+    if ema is not None:
+      nnx.update(ema, sharding_lib.constrain(nnx.state(ema), rule))
   # The updated weights' norm too: a finite loss and gradient can still give non-finite weights,
   # and the loop refuses to checkpoint any non-finite metric.
   return {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),

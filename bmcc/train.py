@@ -16,11 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from bmcc import checkpointing, config_validation, evaluate, metrics, preemption, steps, transfer
 from bmcc import plateau as plateau_lib
+from bmcc import sharding as sharding_lib
 from bmcc.atomic import atomic_write
 from bmcc.data import input_pipeline, loading
 
@@ -28,7 +27,8 @@ from bmcc.data import input_pipeline, loading
 def create_train_state(config: ml_collections.ConfigDict, mesh, num_classes: int,
                        learning_rate_fn, *, freeze_steps: int = 0, load_pretrained: bool = True
                        ) -> tuple[nnx.Module, nnx.Optimizer, nnx.EMA | None]:
-  """The model, its optimizer and the optional weight average, replicated over `mesh`.
+  """The model, its optimizer and the optional weight average, laid out over `mesh` as
+  `config.sharding` says (`bmcc.sharding`: replicated, or FSDP).
 
   With `load_pretrained` (a run from scratch) the model starts from `config.pretrained`, and
   `model.pretrained` says what was loaded (`transfer.load_pretrained`).
@@ -36,11 +36,13 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, num_classes: int
   model = steps.create_model(config, num_classes)
   if load_pretrained:
     transfer.load_pretrained(config, model)
-  optimizer = nnx.Optimizer(model, steps.create_optimizer(config, learning_rate_fn, model,
-                                                          freeze_steps), wrt=nnx.Param)
-  state = jax.device_put(nnx.state((model, optimizer)), NamedSharding(mesh, P()))
-  nnx.update((model, optimizer), state)
-  return model, optimizer, steps.create_ema(config, model)
+  optimizer = steps.create_train_optimizer(config, learning_rate_fn, model, freeze_steps)
+  rule = sharding_lib.rule_from_config(config)
+  nnx.update((model, optimizer), sharding_lib.place(nnx.state((model, optimizer)), mesh, rule))
+  ema = steps.create_ema(config, model)
+  if ema is not None:
+    nnx.update(ema, sharding_lib.place(nnx.state(ema), mesh, rule))
+  return model, optimizer, ema
 
 
 def _hparams(config: ml_collections.ConfigDict) -> dict:
@@ -80,8 +82,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   mapping = data.mapping
   durations = steps.resolve_durations(config, data.steps_per_epoch)  # ConfigError if unfit
   logging.info("Training on %d device(s) (%s), %d process(es): %d examples of %d classes, %d "
-               "steps per epoch, %s.", mesh.size, jax.devices()[0].platform, jax.process_count(),
-               data.num_examples, mapping.num_classes, data.steps_per_epoch, durations)
+               "steps per epoch, %s; sharding %s, %d micro-batch(es) per step, training %s "
+               "parameters.", mesh.size, jax.devices()[0].platform, jax.process_count(),
+               data.num_examples, mapping.num_classes, data.steps_per_epoch, durations,
+               config.get("sharding") or "data", config.get("accumulate_steps") or 1,
+               steps.trainable(config))
   learning_rate_fn = steps.create_learning_rate_fn(config, durations)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
@@ -119,6 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       num_train_steps=durations.total, steps_per_epoch=data.steps_per_epoch,
       batch_size=config.batch_size, every_steps=config.log_every_steps, writer=writer)
   dropout_base = jax.random.key(config.seed + 1)
+  step_options = dict(accumulate_steps=config.get("accumulate_steps") or 1,
+                      rule=sharding_lib.rule_from_config(config), trainable=steps.trainable(config))
   stopped_early = bool(progress.get("stopped_early"))
   last_step = start_step if stopped_early else min(durations.total,
                                                    config.stop_at_step or durations.total)
@@ -135,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           pending.append((step, steps.train_step(
               model, optimizer, batch["image"], batch["label"],
               jax.random.fold_in(dropout_base, step), data.class_weights, ema,
-              label_smoothing=config.label_smoothing)))
+              label_smoothing=config.label_smoothing, **step_options)))
         report_progress(step)
         if step % config.log_every_steps == 0 or step == last_step:
           summary = _summarize(pending, ckpt.directory)

@@ -92,13 +92,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.layer_decay = 1.0  # layer l of L learns at lr * layer_decay^(L - l); 1.0: off
   # Peak learning rate of the head, on the same warm-up and decay; None: learning_rate.
   config.finetune.head_learning_rate = placeholder(float)
+  # The backbone frozen for the whole run (linear probe by gradient descent): only the head is
+  # differentiated and has optimizer state.
+  config.finetune.freeze_backbone = False
 
   config.batch_size = 256  # global batch, split over all devices; a multiple of the device count
+  # Gradient accumulation: each step's batch in this many micro-batches of batch_size / k (one
+  # compiled step, one update; batch norm then updates its statistics once per micro-batch).
+  config.accumulate_steps = 1
   config.eval_batch_size = 512  # global evaluation batch; a multiple of the device count
   # Durations: in epochs of the run's training examples, or in steps; a `*_steps` value, when
   # set, takes precedence over its `*_epochs` twin.
   config.num_epochs = 30.0  # length of training
   config.num_train_steps = placeholder(int)
+
+  # Layout of parameters, gradients, optimizer state and weight average over the devices (one
+  # `data` mesh): 'data' (replicated) or 'fsdp' (arrays >= fsdp_min_bytes split; bmcc.sharding).
+  config.sharding = "data"
+  config.fsdp_min_bytes = 4 * 2**20  # smallest array FSDP splits, bytes (big_vision's 4 MiB)
 
   config.optimizer = "adamw"  # 'adam' or 'adamw'
   config.learning_rate = 1e-3 * config.batch_size / 256  # peak, 1e-3 per 256 images

@@ -119,6 +119,12 @@ BAD_VALUES = [
     ("probe.max_iter", 0),
     ("probe.knn_k", (0, 20)),
     ("probe.weighted_knn_k", 20),
+    # Sharding and gradient accumulation (tiny: batch 16 on the 4 fake devices).
+    ("sharding", "model"),
+    ("fsdp_min_bytes", -1),
+    ("accumulate_steps", 0),
+    ("accumulate_steps", 3),
+    ("finetune.freeze_backbone", "yes"),
 ]
 
 

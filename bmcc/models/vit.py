@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmcc import sharding
+
 PATCH_SIZE = 14
 # DINOv2's interpolate_offset: the scale factor of the position-embedding resampling is
 # (new grid + 0.1) / old grid, a historical kludge kept for backward compatibility.
@@ -424,7 +426,7 @@ class VisionTransformer(nnx.Module):
     """Final-norm tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) in the compute dtype."""
     x = self.tokens(x)
     for block in self.blocks:
-      x = block(x, rngs=rngs)
+      x = block(sharding.constrain_batch(x), rngs=rngs)  # a no-op outside FSDP training
     return self.norm(x)
 
   def patch_tokens(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
