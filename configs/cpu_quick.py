@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = "adam"
   config.learning_rate = 1e-3
   config.warmup_epochs = 1.0
-  config.grad_clip_norm = None
+  config.grad_clip_norm = 0.0  # off (0.0 rather than None: overridable from the command line)
   config.log_every_steps = 20
   config.eval_every_epochs = 2.0
   return config

@@ -4,8 +4,10 @@
 
 Five conv blocks (32..512 channels), dense 256 with dropout 0.3, float32; AdamW 1e-3 (weight decay
 1e-4), 1 warm-up epoch and cosine decay over 30 epochs, batch 128, natural sampling, no label
-smoothing, no weight average. `demo.py` and `tiny.py` start from it. Time per epoch and metrics on
-the real data: not yet measured (no GPU lent).
+smoothing, no weight average. `demo.py` and `tiny.py` start from it. Its random crop (0.7-1) is
+kept for full-size runs although on real cells at 64 px and 2 epochs it cost 3.5 points of
+balanced accuracy on every fold (README, "Recipes on real cells"); not yet measured at this
+config's budget. Time per epoch and metrics on the real data: not yet measured (no GPU lent).
 """
 
 import ml_collections
