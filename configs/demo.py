@@ -7,10 +7,11 @@ Writes ~2,300 synthetic 250 x 250 JPEGs (three planted bad files) in the Kaggle 
 splits), trains SimpleCNN at 48 px for 400 steps of batch 32 (about 7 epochs of the 1,866
 training images) and evaluates on the test split (232 images).
 
-Measured on 2 CPU cores, nothing else running, data cached: 49 s; test accuracy 0.978, balanced
-accuracy 0.943, macro F1 0.946. With 4 fake devices (XLA_FLAGS=
---xla_force_host_platform_device_count=4): 46 s; 0.983 / 0.959 / 0.960 (rounding differs; a few
-images per rare class move the balanced accuracy).
+Measured on 2 CPU cores (another test job on them), data cached, 4 December 2026: 59 s; test
+accuracy 0.996, balanced accuracy 0.988, macro F1 0.990. With 4 fake devices (XLA_FLAGS=
+--xla_force_host_platform_device_count=4): 48 s; 0.983 / 0.969 / 0.972 (rounding differs; a few
+images per rare class move the balanced accuracy). Before evaluation decoded its pictures as
+training does (one decode + resize, 4 December) the same run gave 0.978 / 0.943 / 0.946.
 tests/test_end_to_end.py holds the 1-device run to BALANCED_ACCURACY_BAND.
 """
 
@@ -19,7 +20,7 @@ import ml_collections
 from configs import simple_cnn
 
 # The test balanced accuracy the command above must reach (README states the same band).
-BALANCED_ACCURACY_BAND = (0.90, 0.99)
+BALANCED_ACCURACY_BAND = (0.92, 1.00)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -121,7 +121,8 @@ def test_pretrained_recipes_are_as_documented():
   changed = {"pretrained", "learning_rate", "num_epochs"}
   assert resnet.finetune.to_dict() == {"freeze_epochs": 1.0, "freeze_steps": None,
                                        "layer_decay": 0.8,
-                                       "head_learning_rate": 10 * resnet.learning_rate}
+                                       "head_learning_rate": 10 * resnet.learning_rate,
+                                         "freeze_backbone": False}
   plain = _config("resnet50").to_dict()
   assert {k for k, v in resnet.to_dict().items() if plain[k] != v} == changed | {"finetune"}
 

@@ -56,7 +56,8 @@ def test_help_exits_0_and_lists_every_config_with_its_first_docstring_line():
     (["--config", "configs/tiny.py", "--workdir", "w", "--config.data.crop_scal=(1,1)"],
      "--config.data.crop_scal: the config has no key 'crop_scal'"),
     (["--config", "configs/nope.py", "--workdir", "w"],
-     "--config configs/nope.py: no such file; the configs are: configs/default.py"),
+     "--config configs/nope.py: no such file; the configs are: configs/cpu_quick.py, "
+     "configs/default.py"),
     (["--config", "configs/tiny.py", "--workdir", "w", "--config.batch_size=abc"],
      "flag --config.batch_size=abc: invalid literal for int()"),
     (["--config", "configs/tiny.py", "--workdir", "w", "--mode=explode"],

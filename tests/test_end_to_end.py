@@ -120,8 +120,9 @@ def test_demo_command_reaches_its_stated_balanced_accuracy(tmp_path, cache_dir):
   result = helpers.run_main("demo.py", workdir, f"--config.data.cache_dir={cache_dir}",
                             timeout=900, fast_compile=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  # Quiet logs: progress, metrics and the report (74 lines measured), not ~500 with orbax's.
-  assert len(result.stderr.splitlines()) <= 100, result.stderr[-3000:]
+  # Quiet logs: per log step a progress line, clu's throughput scalars and the metrics, then the
+  # report (120 lines measured), not ~500 with orbax's.
+  assert len(result.stderr.splitlines()) <= 130, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval_test.json")) as f:
     report = json.load(f)
   # configs/demo.py and the README state the band; the test fails if either drifts from the run.
