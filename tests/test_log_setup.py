@@ -10,6 +10,7 @@ import logging
 import os
 
 import pytest
+from absl import logging as absl_logging
 
 import bmcc
 from bmcc import log_setup
@@ -65,6 +66,7 @@ def test_configure_installs_the_filter_and_verbosity_1_leaves_everything(monkeyp
   monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
   monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
   assert log_setup.configure(1) is None
+  levels = {name: logging.getLogger(name).level for name in log_setup.LIBRARY_LOGGERS}
   assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
   handler = logging.StreamHandler()
   logging.getLogger().addHandler(handler)
@@ -76,3 +78,10 @@ def test_configure_installs_the_filter_and_verbosity_1_leaves_everything(monkeyp
     assert logging.getLogger("jax").getEffectiveLevel() == logging.WARNING
   finally:
     logging.getLogger().removeHandler(handler)
+    # configure() also filtered every other root handler (pytest's caplog handler among them,
+    # a session-wide object) and absl's: take the filters off, or later tests lose bmcc's INFO.
+    for other in [*logging.getLogger().handlers, absl_logging.get_absl_handler()]:
+      for f in [f for f in other.filters if isinstance(f, log_setup.QuietFilter)]:
+        other.removeFilter(f)
+    for name in log_setup.LIBRARY_LOGGERS:
+      logging.getLogger(name).setLevel(levels[name])

@@ -3,7 +3,9 @@
 Real data: the prepared TFDS dataset in `data.data_dir`; if it is missing but a download is in
 `data.manual_dir`, it is prepared first (with progress); if neither is there, DatasetNotFoundError
 says where to put what. Synthetic data (`data.synthetic` set): written once into `data.cache_dir`
-by `bmcc.synthetic`, then prepared by the same builder as the real download.
+by `bmcc.synthetic`, then prepared by the same builder as the real download. In a run of several
+processes they prepare in turn (each skips what an earlier one already made on a shared disk), so
+that two never write the same directories at once.
 """
 
 from __future__ import annotations
@@ -60,9 +62,28 @@ def dataset_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   return data_dir, os.path.expanduser(manual_dir)
 
 
+_PREPARE_TIMEOUT_MS = 24 * 3600 * 1000  # a real download takes minutes; a dead peer ends the wait
+
+
 def load_builder(data_config: ml_collections.ConfigDict, *, prepare: bool = True
                  ) -> tfds.core.DatasetBuilder:
   """The prepared `bone_marrow` builder for a config, preparing it first if needed."""
+  import jax  # noqa: PLC0415
+  from jax._src import distributed  # noqa: PLC0415  (no public handle on the runtime's barrier)
+
+  client = distributed.global_state.client
+  if not prepare or jax.process_count() == 1 or client is None:
+    return _load_builder(data_config, prepare=prepare)
+  builder = None
+  for turn in range(jax.process_count()):
+    if turn == jax.process_index():
+      builder = _load_builder(data_config, prepare=prepare)
+    client.wait_at_barrier(f"bmcc/data_prepared/{turn}", _PREPARE_TIMEOUT_MS)
+  return builder
+
+
+def _load_builder(data_config: ml_collections.ConfigDict, *, prepare: bool
+                  ) -> tfds.core.DatasetBuilder:
   data_dir, manual_dir = dataset_dirs(data_config)
   builder = bone_marrow.Builder(data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():
