@@ -13,7 +13,10 @@ A second signal stops at once (`TrainingInterrupted`, exit status 3 from main.py
 says whether a complete checkpoint exists to resume from. With several processes the one that
 got it publishes that in the distributed runtime's key-value store and exits at once; a watcher
 thread in every other process sees it within a second and exits too, so none is left waiting
-in a collective for a process that is gone.
+in a collective for a process that is gone. Process 0 hosts the runtime's coordination service
+and goes last (its peers abort, SIGABRT, when it is gone first); a process whose collective
+fails because a peer left that way exits the same way instead of through jax's shutdown, which
+would abort once the peer's heartbeats time out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SYNC_SECONDS = 2.0
 _MAX_SYNC_STEPS = 10_000
 _ABORT_KEY = "bmcc/second_signal"  # set in the distributed key-value store by a second signal
 _WATCH_SECONDS = 0.25  # how often the other processes look for it
+_EXITING_KEY = "bmcc/exiting/"  # + process index: set by each process just before it exits
+_LAST_WAIT_SECONDS = 10.0  # at most this long process 0 waits for the others to exit first
 
 
 class TrainingInterrupted(Exception):
@@ -79,6 +84,30 @@ def _exit_now(message: str) -> NoReturn:
   os._exit(3)
 
 
+def _exit_after_second_signal(message: str) -> NoReturn:
+  """Multi-process `_exit_now`: the others first, process 0 (the coordination service) last."""
+  client, index = _client(), jax.process_index()
+  try:
+    client.key_value_set(f"{_EXITING_KEY}{index}", "1")
+    if index == 0:
+      deadline = time.monotonic() + _LAST_WAIT_SECONDS
+      for other in range(1, jax.process_count()):
+        left_ms = int(max(deadline - time.monotonic(), 0.001) * 1000)
+        client.blocking_key_value_get(f"{_EXITING_KEY}{other}", left_ms)
+      time.sleep(2 * _WATCH_SECONDS)  # between their last word and their exit
+  except Exception:  # noqa: BLE001  (a peer that never says so, or the runtime is gone)
+    pass
+  _exit_now(message)
+
+
+def _second_signal_elsewhere() -> str | None:
+  """The index of the process that got a second signal, if one did (multi-process)."""
+  try:
+    return _client().key_value_try_get(_ABORT_KEY)
+  except Exception:  # noqa: BLE001  (not set: NOT_FOUND)
+    return None
+
+
 def _client():
   """The distributed runtime's client (jax has no public handle on its key-value store)."""
   from jax._src import distributed  # noqa: PLC0415
@@ -112,21 +141,21 @@ class StopRequest:
           _client().key_value_set(_ABORT_KEY, str(jax.process_index()))
         except Exception:  # noqa: BLE001  (another process set it first, or the runtime is gone)
           pass
-        _exit_now(str(error))
+        _exit_after_second_signal(str(error))
       raise error
     self.signal = name
     logging.warning("Received %s: saving a checkpoint, then stopping.", name)
 
   def _watch(self) -> None:
     """Multi-process: exits this process once another one got a second signal."""
-    client = _client()
     while not self._done.wait(_WATCH_SECONDS):
-      try:
-        index = client.key_value_try_get(_ABORT_KEY)
-      except Exception:  # noqa: BLE001  (not set: NOT_FOUND)
-        continue
-      _exit_now(str(TrainingInterrupted(f"A second signal to process {index}: stopped at once",
-                                        self._checkpoint_dir)))
+      self._exit_if_second_signal_elsewhere()
+
+  def _exit_if_second_signal_elsewhere(self) -> None:
+    index = _second_signal_elsewhere()
+    if index is not None:
+      _exit_after_second_signal(str(TrainingInterrupted(
+          f"A second signal to process {index}: stopped at once", self._checkpoint_dir)))
 
   def should_stop(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step`: the same answer on every process.
@@ -162,6 +191,10 @@ class StopRequest:
     return self
 
   def __exit__(self, *exc) -> None:
+    if exc[0] is not None and jax.process_count() > 1 and _client() is not None:
+      # E.g. a collective that failed because a peer left on a second signal before the watcher
+      # saw it: leave as the watcher would.
+      self._exit_if_second_signal_elsewhere()
     for signum, handler in self._previous.items():
       # Once a stop is under way, a further signal during the clean-up still means "stop at once"
       # (TrainingInterrupted), not a KeyboardInterrupt traceback.
