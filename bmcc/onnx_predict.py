@@ -14,21 +14,17 @@ Needs the optional extra: `pip install 'bmcc[export]'` (onnxruntime).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import TextIO
 
 import numpy as np
-from PIL import Image, ImageFile
 
 from bmcc import predict
-from bmcc.parallel import ordered_map
 
 INSTALL_HINT = "pip install 'bmcc[export]'"
 
@@ -123,21 +119,9 @@ def predict_paths(model_path: str, paths: Sequence[str | os.PathLike], *, batch_
                meta.get("step"), batch, ", with TTA" if tta else "")
   start = time.time()
   writer = predict._Writer(codes, min(top_k, len(codes)), stdout, csv_file)
-  threads = num_threads or os.cpu_count() or 1
-  truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
-  try:  # the same global PIL/warnings state as bmcc.predict.predict_paths
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      items = ordered_map(functools.partial(predict._load, size=image_size), files,
-                          num_threads=threads, window=2 * batch + threads,
-                          thread_name_prefix="bmcc-decode")
-      failures += predict._run_batches(items, predict_fn=predict_fn, batch_size=batch,
-                                       image_size=image_size, writer=writer, stderr=stderr)
-  finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
-    if csv_file is not None:
-      csv_file.close()
+  failures += predict.decode_and_predict(files, predict_fn=predict_fn, image_size=image_size,
+                                         batch_size=batch, writer=writer, stderr=stderr,
+                                         num_threads=num_threads, csv_file=csv_file)
   seconds = time.time() - start
   logging.info("Predicted %d image(s), %d failed, in %.1f s (%.1f images/s).",
                writer.num_predicted, failures, seconds, writer.num_predicted / max(seconds, 1e-9))

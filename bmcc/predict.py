@@ -28,6 +28,7 @@ which runs without JAX.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -310,24 +311,37 @@ def predict_paths(workdir: str, paths: Sequence[str | os.PathLike], *, checkpoin
                meta["model"], image_size, batch, mesh.size, ", with TTA" if tta else "")
   start = time.time()
   writer = _Writer(codes, min(top_k, len(codes)), stdout, csv_file)
-  threads = num_threads or os.cpu_count() or 1
-  truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
-  try:
-    # Global PIL/warnings state, set for the duration of the run (the decoding threads see it):
-    # truncated files must fail (some libraries switch this on), and PIL's decompression-bomb
-    # *warning* (between 1x and 2x the pixel limit) counts as a failure like its error.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings(), jax.set_mesh(mesh):
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      items = ordered_map(functools.partial(_load, size=image_size), files, num_threads=threads,
-                          window=2 * batch + threads, thread_name_prefix="bmcc-decode")
-      failures += _run_batches(items, predict_fn=predict_fn, batch_size=batch,
-                               image_size=image_size, writer=writer, stderr=stderr)
-  finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
-    if csv_file is not None:
-      csv_file.close()
+  failures += decode_and_predict(files, predict_fn=predict_fn, image_size=image_size,
+                                 batch_size=batch, writer=writer, stderr=stderr,
+                                 num_threads=num_threads, csv_file=csv_file,
+                                 context=jax.set_mesh(mesh))
   seconds = time.time() - start
   logging.info("Predicted %d image(s), %d failed, in %.1f s (%.1f images/s).",
                writer.num_predicted, failures, seconds, writer.num_predicted / max(seconds, 1e-9))
   return 1 if failures else 0
+
+
+def decode_and_predict(files: list[str], *, predict_fn, image_size: int, batch_size: int,
+                       writer: _Writer, stderr, num_threads: int | None, csv_file=None,
+                       context: contextlib.AbstractContextManager | None = None) -> int:
+  """Decodes `files` in threads and predicts them in batches; the number of files that failed.
+
+  Shared by the JAX predict and ONNX Runtime's (`bmcc.onnx_predict`). Global PIL/warnings state
+  is set for the duration of the run (the decoding threads see it): truncated files must fail
+  (some libraries switch this on), and PIL's decompression-bomb *warning* (between 1x and 2x the
+  pixel limit) counts as a failure like its error. `csv_file` is closed at the end.
+  """
+  threads = num_threads or os.cpu_count() or 1
+  truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+  try:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings(), context or contextlib.nullcontext():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      items = ordered_map(functools.partial(_load, size=image_size), files, num_threads=threads,
+                          window=2 * batch_size + threads, thread_name_prefix="bmcc-decode")
+      return _run_batches(items, predict_fn=predict_fn, batch_size=batch_size,
+                          image_size=image_size, writer=writer, stderr=stderr)
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
+    if csv_file is not None:
+      csv_file.close()
