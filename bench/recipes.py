@@ -11,8 +11,8 @@ process per variant, one after another) into `<out>/<variant>/`; a finished vari
 again. `all20` is the base recipe over every class present. After each variant the table is
 rewritten: `<out>/recipes.md` and `<out>/recipes.json`, mean and standard deviation over the folds
 of the test balanced accuracy and accuracy, the change of mean balanced accuracy from `base`, and
-the wall time of the variant. The row of `bench/torch_baseline.py` is added when
-`<out>/torch_baseline.json` exists.
+the wall time of the variant. The rows of `bench/torch_baseline.py` are added from
+`<out>/torch_*.json` (the baseline and its twins of bmcc variants).
 
 `--export_folds` writes the folds (the same files bmcc trains, validates and tests on for each
 fold: `<out>/folds_k<K>/fold_<i>.json`) for `bench/torch_baseline.py`, and stops.
@@ -21,6 +21,7 @@ fold: `<out>/folds_k<K>/fold_<i>.json`) for `bench/torch_baseline.py`, and stops
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -51,6 +52,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "smooth01": ("label smoothing 0.1", ["--config.label_smoothing=0.1"]),
     "balanced": ("class-balanced sampling, alpha 0.5", ["--config.data.balance_alpha=0.5"]),
     "ema": ("weight average, decay 0.99", ["--config.ema_decay=0.99"]),
+    "linear_head": ("no dense layer: global pooling then the linear head, no dropout",
+                    ["--config.model_config.dense=0", "--config.model_config.dropout=0.0"]),
+    "linear_head_pt_init": ("no dense layer, no dropout, PyTorch's initialisation",
+                            ["--config.model_config.dense=0", "--config.model_config.dropout=0.0",
+                             "--config.model_config.init=pytorch"]),
     "all20": ("base recipe, every class present (20)", ["--config.data.classes=None"]),
 }
 METRICS = ("balanced_accuracy", "accuracy")
@@ -131,9 +137,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_table(rows: list[dict], out: str) -> None:
-  torch_path = os.path.join(out, "torch_baseline.json")
   rows = list(rows)
-  if os.path.exists(torch_path):
+  for torch_path in sorted(glob.glob(os.path.join(out, "torch_*.json"))):
     with open(torch_path) as f:
       rows.append(json.load(f)["row"])
   with open(os.path.join(out, "recipes.json"), "w") as f:

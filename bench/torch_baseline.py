@@ -52,13 +52,30 @@ def block(a: int, b: int) -> nn.Sequential:
                        nn.MaxPool2d(2))
 
 
-def plain_cnn(num_classes: int, widths=(32, 64, 128, 256)) -> nn.Module:
+def plain_cnn(num_classes: int, widths=(32, 64, 128, 256), dense: int = 0, dropout: float = 0.0,
+              init: str = "pytorch") -> nn.Module:
+  """The plain CNN; `dense` > 0 adds bmcc's dense + ReLU layer before the head, `dropout` drops
+  before the head, `init='lecun'` initialises kernels as flax does (bmcc's `init='lecun'`)."""
   layers, previous = [], 3
   for width in widths:
     layers.append(block(previous, width))
     previous = width
-  return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                       nn.Linear(previous, num_classes))
+  head = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+  if dense:
+    head += [nn.Linear(previous, dense), nn.ReLU()]
+    previous = dense
+  if dropout:
+    head.append(nn.Dropout(dropout))
+  model = nn.Sequential(*layers, *head, nn.Linear(previous, num_classes))
+  if init == "lecun":  # flax's lecun_normal: truncated normal, variance 1 / fan_in; zero biases
+    for module in model.modules():
+      if isinstance(module, (nn.Conv2d, nn.Linear)):
+        fan_in = module.weight[0].numel()
+        std = math.sqrt(1 / fan_in) / 0.87962566103423978
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if module.bias is not None:
+          nn.init.zeros_(module.bias)
+  return model
 
 
 def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -99,7 +116,7 @@ def run_fold(path: str, args: argparse.Namespace) -> dict:
   train_x, train_y = data["train"]
   mean = train_x.float().mean(dim=(0, 2, 3), keepdim=True)
   std = train_x.float().std(dim=(0, 2, 3), keepdim=True)
-  model = plain_cnn(len(classes))
+  model = plain_cnn(len(classes), dense=args.dense, dropout=args.dropout, init=args.init)
   optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
   steps_per_epoch = len(train_x) // args.batch_size
   total = int(args.epochs * steps_per_epoch)
@@ -156,12 +173,21 @@ def main() -> None:
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--threads", type=int, default=2)
+  # Twins of bmcc variants: bmcc's dense head (256, dropout 0.3) and flax's initialisation.
+  parser.add_argument("--dense", type=int, default=0, help="dense layer before the head; 0: none")
+  parser.add_argument("--dropout", type=float, default=0.0, help="dropout before the head")
+  parser.add_argument("--init", choices=("pytorch", "lecun"), default="pytorch")
+  parser.add_argument("--variant", default="torch_plain_cnn", help="the row's name")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   start = time.time()
   folds = [run_fold(path, args)
            for path in sorted(glob.glob(os.path.join(args.folds_dir, "fold_*.json")))]
-  row = {"variant": "torch_plain_cnn", "change": "PyTorch plain CNN (bench/torch_baseline.py)",
+  twin = [f"{k} {getattr(args, k)}" for k, default in (("dense", 0), ("dropout", 0.0),
+                                                       ("init", "pytorch"))
+          if getattr(args, k) != default]
+  row = {"variant": args.variant, "change": "PyTorch plain CNN (bench/torch_baseline.py)"
+         + (f", {', '.join(twin)}" if twin else ""),
          "folds": len(folds), "epochs": args.epochs, "minutes": (time.time() - start) / 60}
   for key in ("balanced_accuracy", "accuracy"):
     values = [f[key] for f in folds]

@@ -14,7 +14,7 @@ import ml_collections
 from bmcc import models, steps
 from bmcc.data import augment, classes, splits
 from bmcc.errors import ConfigError
-from bmcc.models import pretrained, resnet, vit, weight_files
+from bmcc.models import pretrained, resnet, simple_cnn, vit, weight_files
 
 # Compute dtypes the models accept (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -178,7 +178,11 @@ def _validate_model(config: Any) -> None:
     _require(isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
              and all(_is_int(v) and v > 0 for v in value), "model_config.features", value,
              "must be a non-empty tuple of positive channel counts")
-  for key in ("dense", "width", "embed_dim", "depth", "num_heads", "image_size"):
+  if "dense" in model_config:  # SimpleCNN: 0 is no dense layer before the head
+    _check_int(model_config, "dense", 0, path="model_config.")
+  if "init" in model_config:
+    _check_choice(model_config, "init", tuple(simple_cnn.INITS), path="model_config.")
+  for key in ("width", "embed_dim", "depth", "num_heads", "image_size"):
     if key in model_config:
       _check_int(model_config, key, 1, path="model_config.")
   if "stage_sizes" in model_config:

@@ -23,9 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Replaces default's ResNeXt keys: only what SimpleCNN's constructor accepts.
   config.model_config = ml_collections.ConfigDict({
       "features": (32, 64, 128, 256, 512),  # channels of each conv block (each halves the size)
-      "dense": 256,  # width of the dense layer before the classifier
+      "dense": 256,  # width of the dense layer before the classifier; 0: none (linear head)
       "dropout": 0.3,  # dropout rate before the classifier
       "dtype": "float32",  # compute dtype; parameters stay float32
+      "init": "lecun",  # kernel initialiser: 'lecun' (flax's) or 'pytorch' (PyTorch's default)
   })
   config.data.balance_alpha = 0.0  # natural sampling: shuffled epochs
   config.batch_size = 128

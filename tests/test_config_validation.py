@@ -77,7 +77,8 @@ BAD_VALUES = [
     ("model_config.dtype", "float64"),
     ("model_config.dropout", 1.0),
     ("model_config.features", ()),
-    ("model_config.dense", 0),
+    ("model_config.dense", -1),
+    ("model_config.init", "he"),
     ("image_size", 8),
     # Optimisation.
     ("learning_rate", 0.0),

@@ -222,3 +222,29 @@ def test_batchnorm_running_stats_train_vs_eval():
   assert all(np.array_equal(a, b) for a, b in zip(after_train, after_eval, strict=True))
   # Eval mode uses running statistics: each example's logits do not depend on the batch.
   np.testing.assert_allclose(model(x[:1]), first[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_simple_cnn_linear_head_and_pytorch_init():
+  """`dense=0`: pooled features straight into the head (the PyTorch baseline's head); `init`
+  sets the kernels' scale: flax's LeCun normal (std 1/sqrt(fan_in)) or PyTorch's default uniform
+  in +- 1/sqrt(fan_in) (std 1/sqrt(3 fan_in)); an unknown name is refused."""
+  linear = models.create_model("simple_cnn", num_classes=5, rngs=nnx.Rngs(0), features=(8, 64),
+                               dense=0, dropout=0.0, init="pytorch")
+  assert linear.dense is None and linear.head.kernel.shape == (64, 5)
+  x = _images(16)
+  pooled = linear.feature_map(x).mean(axis=(1, 2))
+  np.testing.assert_allclose(linear(x), pooled @ linear.head.kernel[...] + linear.head.bias[...],
+                             rtol=1e-5, atol=1e-6)
+  lecun = models.create_model("simple_cnn", num_classes=5, rngs=nnx.Rngs(0), features=(8, 64),
+                              dense=0, dropout=0.0)
+  fan_in = 3 * 3 * 8
+  for model, std in ((linear, 1 / math.sqrt(3 * fan_in)), (lecun, 1 / math.sqrt(fan_in))):
+    kernel = np.asarray(model.blocks[1].conv1.kernel[...])
+    assert abs(kernel.std() / std - 1) < 0.05, (kernel.std(), std)
+  bound = 1 / math.sqrt(fan_in)
+  assert np.abs(np.asarray(linear.blocks[1].conv1.kernel[...])).max() <= bound
+  with_dense = models.create_model("simple_cnn", num_classes=5, rngs=nnx.Rngs(0), features=(8,),
+                                   dense=4)
+  assert with_dense.dense.kernel.shape == (8, 4) and with_dense.head.kernel.shape == (4, 5)
+  with pytest.raises(ValueError, match="init='he'"):
+    models.create_model("simple_cnn", num_classes=5, rngs=nnx.Rngs(0), init="he")
