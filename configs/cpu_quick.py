@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.hue_jitter = 0.0
   config.image_size = 64
   config.model_config.features = (32, 64, 128, 256)
+  config.model_config.dense = 0  # pooled features straight into the linear head
+  config.model_config.dropout = 0.0
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_epochs = 12.0
