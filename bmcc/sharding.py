@@ -11,7 +11,11 @@ layouts of `config.sharding`:
   divisible dimension, stay replicated. The batch is still split over the same `data` axis. The
   rule looks at shapes only, so a parameter, its gradient, its two Adam moments and its weight
   average always share one layout. XLA gathers each weight where a matrix product needs it and
-  reduce-scatters its gradient.
+  reduces its gradient to the shards. A model marks its FSDP units (a ViT: each block) with
+  `fsdp_call`, which gathers a unit's weights right before it, gathers them again in the
+  backward pass instead of keeping them, and reduces the unit's gradients right after its
+  backward pass (left alone, XLA's CPU compiler keeps every block's gathered weights and
+  full-size gradients alive at once: about one float32 copy of the model per device).
 
 Kept free of TensorFlow, TFDS, grain and clu (benchmarks import it on a bare GPU machine).
 """
