@@ -11,7 +11,11 @@ layouts of `config.sharding`:
   divisible dimension, stay replicated. The batch is still split over the same `data` axis. The
   rule looks at shapes only, so a parameter, its gradient, its two Adam moments and its weight
   average always share one layout. XLA gathers each weight where a matrix product needs it and
-  reduce-scatters its gradient.
+  reduces its gradient to the shards. A model marks its FSDP units (a ViT: each block) with
+  `fsdp_call`, which gathers a unit's weights right before it, gathers them again in the
+  backward pass instead of keeping them, and reduces the unit's gradients right after its
+  backward pass (left alone, XLA's CPU compiler keeps every block's gathered weights and
+  full-size gradients alive at once: about one float32 copy of the model per device).
 
 Kept free of TensorFlow, TFDS, grain and clu (benchmarks import it on a bare GPU machine).
 """
@@ -21,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -110,31 +116,116 @@ def describe(tree: Any) -> dict[str, int]:
   return counts
 
 
-_BATCH_SHARDED = contextvars.ContextVar("bmcc_batch_sharded_activations", default=False)
+_FSDP_RULE: contextvars.ContextVar[Rule | None] = contextvars.ContextVar("bmcc_fsdp_rule",
+                                                                    default=None)
 
 
 @contextlib.contextmanager
-def batch_sharded_activations() -> Iterator[None]:
-  """While tracing inside this context, `constrain_batch` pins activations to the batch split.
+def fsdp_training(rule: Rule) -> Iterator[None]:
+  """While tracing inside this context, the model follows FSDP's discipline (`rule`).
 
-  Under FSDP the training step traces the model inside it. Without the pin XLA's partitioner may
-  instead gather the activations of the whole global batch onto every device and keep the
-  weights split (tensor-parallel style), which makes each device's activation memory grow with
-  the global batch instead of its own share.
+  The training step traces the model inside it when `rule.kind` is 'fsdp'. Two things then
+  happen, both no-ops elsewhere:
+
+  - `constrain_batch` pins activations to the batch split. Without the pin XLA's partitioner
+    may instead gather the activations of the whole global batch onto every device and keep the
+    weights split (tensor-parallel style), which makes each device's activation memory grow
+    with the global batch instead of its own share.
+  - `fsdp_call` gathers one block's weights just before the block runs (again in the backward
+    pass instead of keeping them) and reduces the block's gradients to their shards right
+    after its backward pass.
   """
-  token = _BATCH_SHARDED.set(True)
+  token = _FSDP_RULE.set(rule)
   try:
     yield
   finally:
-    _BATCH_SHARDED.reset(token)
+    _FSDP_RULE.reset(token)
+
+
+def _training_mesh_size() -> int | None:
+  """The `data` axis size when tracing an FSDP training step under a mesh, else None."""
+  rule = _FSDP_RULE.get()
+  if rule is None or rule.kind != "fsdp":
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AXIS not in mesh.axis_names:
+    return None
+  return mesh.shape[AXIS]
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
   """`x` [N, ...] constrained to be split over the mesh's `data` axis along N, when traced in
-  `batch_sharded_activations` under a mesh whose `data` axis divides N; else `x` unchanged."""
-  if not _BATCH_SHARDED.get():
-    return x
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AXIS not in mesh.axis_names or x.ndim == 0 or x.shape[0] % mesh.shape[AXIS]:
+  `fsdp_training` under a mesh whose `data` axis divides N; else `x` unchanged."""
+  size = _training_mesh_size()
+  if size is None or x.ndim == 0 or x.shape[0] % size:
     return x
   return jax.lax.with_sharding_constraint(x, P(AXIS))
+
+
+def _specs(rule: Rule, tree: Any, size: int) -> Any:
+  return jax.tree.map(lambda x: _spec_of(rule, x, size), tree)
+
+
+def _constrain_to(tree: Any, specs: Any) -> Any:
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gather(rule: Rule, size: int, params: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+  """(`params` replicated, `x`): the block's weights gathered once its input `x` exists.
+
+  The optimization barrier ties the gather to `x`, so XLA cannot hoist every block's gather to
+  the start of the step (which keeps all gathered weights alive at once). Backward: the full
+  gradients are reduced to `rule`'s shards, and the barrier ties the reduction to the input's
+  gradient, so each block's gradients are reduced (and their full-size copies freed) before the
+  backward pass moves on to the previous block instead of waiting for one all-reduce combined
+  over the whole model at the end.
+  """
+  specs = _specs(rule, params, size)
+  x, params = jax.lax.optimization_barrier((x, params))
+  params = _constrain_to(params, specs)
+  return _constrain_to(params, jax.tree.map(lambda _: P(), params)), x
+
+
+def _gather_fwd(rule: Rule, size: int, params: Any, x: jax.Array):
+  return _gather(rule, size, params, x), None
+
+
+def _gather_bwd(rule: Rule, size: int, _: None, cotangents: tuple[Any, jax.Array]):
+  grads, dx = cotangents
+  specs = _specs(rule, grads, size)
+  grads, dx = jax.lax.optimization_barrier((_constrain_to(grads, specs), dx))
+  return _constrain_to(grads, specs), dx
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def fsdp_call(module: Any, x: jax.Array, *, rngs: Any = None) -> jax.Array:
+  """`module(x, rngs=rngs)`; when traced in `fsdp_training` under a mesh, as one FSDP unit.
+
+  A transformer block is the unit: its weights that `rule` splits are gathered right before it
+  runs and not kept for the backward pass (`nnx.remat` with `dots_saveable`: the activations
+  that matrix products give are saved as without it; the gather and the cheap elementwise work
+  after it run again in the backward pass), and its gradients are reduced to their shards as
+  soon as its backward pass has made them (`_gather`). Without this XLA keeps every gathered
+  weight from the forward to the backward pass and reduces the gradients late, so that about
+  one full-size float32 copy of the model stays alive besides the shards. The values computed
+  are the same as a plain call's. `module` must not update its own state in the call (a ViT
+  block does not; `rngs` may be updated, by dropout).
+  """
+  size = _training_mesh_size()
+  if size is None:
+    return module(x, rngs=rngs)
+  rule = _FSDP_RULE.get()
+  params = nnx.state(module, nnx.Param)
+  if all(s == P() for s in jax.tree.leaves(_specs(rule, params, size),
+                                           is_leaf=lambda s: isinstance(s, P))):
+    return module(x, rngs=rngs)  # nothing split: nothing to gather
+
+  def apply(module, x, rngs):
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    params, x = _gather(rule, size, params, x)
+    return nnx.merge(graphdef, params, rest)(x, rngs=rngs)
+
+  return nnx.remat(apply, policy=jax.checkpoint_policies.dots_saveable)(module, x, rngs)

@@ -329,7 +329,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
   """
   model.train()
   wrt = trainable_filter(trainable)
-  with sharding_lib.batch_sharded_activations() if rule.kind == "fsdp" else nullcontext():
+  with sharding_lib.fsdp_training(rule) if rule.kind == "fsdp" else nullcontext():
     return _train_step(model, optimizer, images, labels, dropout_key, class_weights, ema,
                        label_smoothing, accumulate_steps, rule, wrt)
 

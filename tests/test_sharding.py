@@ -5,6 +5,7 @@ devices of conftest.py."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -109,6 +110,45 @@ def test_fsdp_gives_data_parallel_losses_with_every_large_array_split_four_ways(
         assert all(s is None for s in spec), (name, path, spec)
   # qkv, proj, fc1, fc2 of 2 blocks, each in the model, the 2 Adam moments and the average.
   assert checked["model"] >= 8 and checked["optimizer"] >= 16 and checked["ema"] >= 8, checked
+
+
+class _Unit(nnx.Module):
+  """One FSDP unit: a 32 x 64 kernel (8 KiB, split 4 ways at a 1 KiB threshold)."""
+
+  def __init__(self):
+    self.linear = nnx.Linear(32, 64, rngs=nnx.Rngs(0))
+
+  def __call__(self, x, *, rngs=None):
+    return jnp.tanh(self.linear(x)) ** 2
+
+
+def test_fsdp_call_gathers_in_the_unit_and_reduces_its_gradients_after_it():
+  """`sharding.fsdp_call` traced in `fsdp_training`: the value and the gradients of a plain call
+  (1e-5), and the program has the unit's gather tied to its input (an optimization barrier),
+  recomputed in the backward pass (`remat`: a second barrier) and the gradient reduction tied
+  to the input's gradient (a third); under the `data` rule the call is a plain one."""
+  mesh = steps.create_mesh(jax.devices()[:4])
+  graphdef, params = nnx.split(_Unit())
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32)), jnp.float32)
+
+  def value_and_grad(kind):  # one function per rule: jit and make_jaxpr cache by function
+    def loss(params, x):
+      with sharding.fsdp_training(sharding.Rule(kind, min_bytes=1024)):
+        return sharding.fsdp_call(nnx.merge(graphdef, params), x).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+  results, programs = {}, {}
+  with jax.set_mesh(mesh):
+    for kind in ("data", "fsdp"):
+      f = value_and_grad(kind)
+      results[kind] = jax.jit(f)(params, x)
+      programs[kind] = str(jax.make_jaxpr(f)(params, x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results["data"], results["fsdp"])
+  assert float(jnp.abs(results["fsdp"][1][1]).max()) > 0  # a gradient to compare
+  assert programs["fsdp"].count("optimization_barrier") == 3, programs["fsdp"]
+  assert "remat" in programs["fsdp"] and "P(None, 'data')" in programs["fsdp"]
+  assert "optimization_barrier" not in programs["data"] and "remat" not in programs["data"]
 
 
 def test_four_micro_batches_of_16_make_the_update_of_one_batch_of_64():

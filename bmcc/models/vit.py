@@ -426,7 +426,8 @@ class VisionTransformer(nnx.Module):
     """Final-norm tokens [N, 1 + R + gh*gw, D] (CLS, registers, patches) in the compute dtype."""
     x = self.tokens(x)
     for block in self.blocks:
-      x = block(sharding.constrain_batch(x), rngs=rngs)  # a no-op outside FSDP training
+      # Both no-ops outside FSDP training (`bmcc.sharding.fsdp_training`).
+      x = sharding.fsdp_call(block, sharding.constrain_batch(x), rngs=rngs)
     return self.norm(x)
 
   def patch_tokens(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
