@@ -105,3 +105,18 @@ def test_explain_real_cells(workdir, tmp_path):
     assert attribution.max() > attribution.min()  # a map, not a constant
     assert Image.open(r["picture"]).width == 64 * 2  # the cell and its overlay
   assert (tmp_path / "out" / "contact_sheet.png").exists()
+
+
+def test_integrated_gradients_is_complete_on_real_cells(workdir):
+  """IG's map sums to logit(x) - logit(mean colour) on real cells too (the property measured on a
+  model trained on real cells in the README, `python -m tests.test_explain WORKDIR --split=test`);
+  8 real cells (two shards of the 4 test devices) at the fixture model's size, 128 steps; the
+  model has seeded random weights, for which completeness holds as for any model."""
+  from bmcc import checkpointing  # noqa: PLC0415
+  from tests.test_explain import completeness_errors  # noqa: PLC0415
+
+  model, _, _ = checkpointing.restore_model(workdir, "latest")
+  images = np.stack([decode.read_image(ROOT / f, IMAGE_SIZE)[0] for f in FILES[::2][:8]])
+  errors, delta = completeness_errors(model, images, "mean", 128)
+  assert np.abs(delta).min() > 0.1, delta  # a real difference to attribute
+  assert errors.max() < 0.01, (errors, delta)
