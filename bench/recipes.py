@@ -34,10 +34,9 @@ sys.path.insert(0, REPO)
 # name -> (what changes from the base recipe, config overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("configs/cpu_quick.py as is", []),
-    "simple_cnn": ("configs/simple_cnn.py's recipe at 64 px: 5 blocks, dense 256 + dropout 0.3, "
-                   "AdamW 1e-4, crop 0.7-1, colour jitter 0.1 / hue 0.02, clip 1.0",
+    "simple_cnn": ("configs/simple_cnn.py's recipe at 64 px: 5 blocks, AdamW 1e-4, crop 0.7-1, "
+                   "colour jitter 0.1 / hue 0.02, clip 1.0",
                    ["--config.model_config.features=(32,64,128,256,512)",
-                    "--config.model_config.dense=256", "--config.model_config.dropout=0.3",
                     "--config.optimizer=adamw", "--config.weight_decay=1e-4",
                     "--config.data.crop_scale=(0.7,1.0)", "--config.data.color_jitter=0.1",
                     "--config.data.hue_jitter=0.02", "--config.grad_clip_norm=1.0"]),
@@ -53,7 +52,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "smooth01": ("label smoothing 0.1", ["--config.label_smoothing=0.1"]),
     "balanced": ("class-balanced sampling, alpha 0.5", ["--config.data.balance_alpha=0.5"]),
     "ema": ("weight average, decay 0.99", ["--config.ema_decay=0.99"]),
-    "dense_head": ("simple_cnn.py's head: dense 256 + ReLU, dropout 0.3, before the linear head",
+    "dense_head": ("the old simple_cnn.py head: dense 256 + ReLU, dropout 0.3, before the linear "
+                   "head",
                    ["--config.model_config.dense=256", "--config.model_config.dropout=0.3"]),
     "pytorch_init": ("PyTorch's default initialisation (uniform, variance 1 / (3 fan_in))",
                      ["--config.model_config.init=pytorch"]),
