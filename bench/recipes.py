@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "smooth01": ("label smoothing 0.1", ["--config.label_smoothing=0.1"]),
     "balanced": ("class-balanced sampling, alpha 0.5", ["--config.data.balance_alpha=0.5"]),
     "ema": ("weight average, decay 0.99", ["--config.ema_decay=0.99"]),
+    "cos0": ("cosine decay to 0 (not 1% of the peak), as the PyTorch baseline",
+             ["--config.end_learning_rate_factor=0.0"]),
     "dense_head": ("the old simple_cnn.py head: dense 256 + ReLU, dropout 0.3, before the linear "
                    "head",
                    ["--config.model_config.dense=256", "--config.model_config.dropout=0.3"]),
