@@ -211,13 +211,38 @@ def create_ema(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.EMA 
   """An exponential moving average of the model's weights if `config.ema_decay` is set.
 
   It tracks the parameters and the batch-norm statistics (`nnx.EMA`: a copy of them, so the
-  model's memory for weights doubles), starting from the model's current values; with decay d
-  it averages over about 1 / (1 - d) steps. Its view (`ema.apply_to(model)`) is what is
-  evaluated, kept as the best checkpoint and used for prediction.
+  model's memory for weights doubles), starting from the model's current values; the train step
+  moves it with `update_ema`, whose decay warms up to d (then it averages over about 1 / (1 - d)
+  steps). Its view (`ema.apply_to(model)`) is what is evaluated, kept as the best checkpoint and
+  used for prediction.
   """
   if not config.get("ema_decay"):
     return None
   return nnx.EMA(model, config.ema_decay, only=(nnx.Param, nnx.BatchStat))
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The weight average's decay after optimizer update `step` (1, 2, ...): min(d, (1 + t) /
+  (10 + t)), the warm-up of TensorFlow's `ExponentialMovingAverage(num_updates=t)` (timm's
+  `ModelEmaV3` has a similar optional one). Without it, the average of a short run still holds
+  the random initialisation (0.99 ** 132 = 26% of it after 132 steps at d = 0.99: a 12-epoch CPU
+  run of `configs/cpu_quick.py` validated its average near chance level up to step 198)."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: nnx.EMA, model: nnx.Module, step: jax.Array) -> None:
+  """`ema <- d_t * ema + (1 - d_t) * weights` for the tracked weights of `model`, with the
+  warmed-up decay `d_t = ema_decay_at(ema.decay, step)` (`nnx.EMA.update` with a decay that
+  depends on the step, which it does not take)."""
+  decay = ema_decay_at(ema.decay, step)
+
+  def blend(average: nnx.Variable, new: nnx.Variable) -> None:
+    value = average[...]
+    average[...] = (decay * value + (1.0 - decay) * new[...]).astype(value.dtype)
+
+  jax.tree.map(blend, ema.params, nnx.state(model, ema.filter),
+               is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 TRAINABLE = ("all", "head")
@@ -349,7 +374,7 @@ def _train_step(model, optimizer, images, labels, dropout_key, class_weights, em
                                          label_smoothing, accumulate_steps, rule)
   optimizer.update(model, grads)
   if ema is not None:
-    ema.update(model)
+    update_ema(ema, model, optimizer.step[...])
   if rule.kind != "data":
     nnx.update(model, sharding_lib.constrain(nnx.state(model), rule))
     nnx.update(optimizer, sharding_lib.constrain(nnx.state(optimizer), rule))

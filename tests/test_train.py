@@ -166,8 +166,8 @@ def test_checkpoint_metadata_mismatch_is_an_error():
     checkpointing.check_compatible(saved, other, "w")
 
 
-def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
-  config = _config(warmup_steps=0, ema_decay=0.5)
+def test_ema_follows_the_weights_with_its_warmed_up_decay_and_stays_replicated():
+  config = _config(warmup_steps=0, ema_decay=0.2)
   mesh = steps.create_mesh(jax.devices()[:4])
   model, optimizer, replicated = _replicated_model_and_optimizer(config, mesh)
   ema = steps.create_ema(config, model)
@@ -186,8 +186,10 @@ def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
       labels = rng.integers(0, 21, (8,), dtype=np.int32)
       steps.train_step(model, optimizer, jax.device_put(images, sharding),
                        jax.device_put(labels, sharding), jax.random.key(step), None, ema)
-      # ema <- d * ema + (1 - d) * weights after the update, batch-norm statistics included.
-      expected = jax.tree.map(lambda e, w: 0.5 * e + 0.5 * w, expected, numpy_state(model))
+      # ema <- d_t * ema + (1 - d_t) * weights after the update, batch-norm statistics included,
+      # d_t = min(0.2, (1 + t) / (10 + t)): 2/11, then the configured 0.2 from step 2 on.
+      d = min(0.2, (1 + step) / (10 + step))
+      expected = jax.tree.map(lambda e, w, d=d: d * e + (1 - d) * w, expected, numpy_state(model))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                numpy_state(ema_model), expected)
   kernel = ema_model.blocks[0].conv1.kernel.get_value()
@@ -195,6 +197,16 @@ def test_ema_follows_the_weights_with_its_decay_and_stays_replicated():
   assert not np.allclose(kernel, model.blocks[0].conv1.kernel.get_value())
   # The model itself is untouched by the average: it is what the optimizer moved.
   assert np.asarray(model.blocks[0].norm1.mean.get_value()).any()
+
+
+def test_ema_decay_warms_up_to_the_configured_one():
+  # TensorFlow's ExponentialMovingAverage(num_updates=t): min(d, (1 + t) / (10 + t)).
+  got = [float(steps.ema_decay_at(0.99, t)) for t in (1, 10, 100, 890, 891, 10_000)]
+  np.testing.assert_allclose(got, [2 / 11, 11 / 20, 101 / 110, 891 / 900, 0.99, 0.99], rtol=1e-6)
+  # So after 132 steps at 0.99 the random initialisation's share of the average is ~0, not
+  # 0.99 ** 132 = 26%: the product of the decays (each step keeps d_t of the average).
+  share = np.prod([float(steps.ema_decay_at(0.99, t)) for t in range(1, 133)])
+  assert share < 1e-3, share
 
 
 def test_no_ema_without_a_decay():
