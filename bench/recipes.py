@@ -51,7 +51,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "clip1": ("gradient clipping at norm 1.0", ["--config.grad_clip_norm=1.0"]),
     "smooth01": ("label smoothing 0.1", ["--config.label_smoothing=0.1"]),
     "balanced": ("class-balanced sampling, alpha 0.5", ["--config.data.balance_alpha=0.5"]),
-    "ema": ("weight average, decay 0.99", ["--config.ema_decay=0.99"]),
+    "ema": ("weight average, decay 0.99 (warmed up: bmcc.steps.ema_decay_at)",
+            ["--config.ema_decay=0.99"]),
     "cos0": ("cosine decay to 0 (not 1% of the peak), as the PyTorch baseline",
              ["--config.end_learning_rate_factor=0.0"]),
     "dense_head": ("the old simple_cnn.py head: dense 256 + ReLU, dropout 0.3, before the linear "
