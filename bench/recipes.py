@@ -5,10 +5,12 @@
 
 DATA_DIR is a prepared dataset folder (the `--config.data.data_dir` of `--mode=prepare`, holding
 `bone_marrow/`) or a download (Kaggle or TCIA layout), which is then prepared into `<out>/tfds`.
-Every variant is `configs/cpu_quick.py` (the 8 large classes, 64 px, SimpleCNN) with one choice
-changed (`VARIANTS`), trained and tested by bmcc's own `--mode=cross_validate` (one `main.py`
-process per variant, one after another) into `<out>/<variant>/`; a finished variant is not run
-again. `all20` is the base recipe over every class present. After each variant the table is
+Every variant is the study's base, `configs/cpu_quick.py` (the 8 large classes, 64 px,
+SimpleCNN) without the label smoothing the study adopted (`BASE`), with one choice changed
+(`VARIANTS`; `smooth01` is `cpu_quick.py` as it stands), trained and tested by bmcc's own
+`--mode=cross_validate` (one `main.py` process per variant, one after another) into
+`<out>/<variant>/`; a finished variant is not run again. `all20` is the base recipe over every
+class present. After each variant the table is
 rewritten: `<out>/recipes.md` and `<out>/recipes.json`, mean and standard deviation over the folds
 of the test balanced accuracy and accuracy, the change of mean balanced accuracy from `base`, and
 the wall time of the variant. The rows of `bench/torch_baseline.py` are added from
@@ -33,7 +35,7 @@ sys.path.insert(0, REPO)
 
 # name -> (what changes from the base recipe, config overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "base": ("configs/cpu_quick.py as is", []),
+    "base": ("configs/cpu_quick.py without its label smoothing (the study's base)", []),
     "simple_cnn": ("configs/simple_cnn.py's recipe at 64 px: 5 blocks, AdamW 1e-4, crop 0.7-1, "
                    "colour jitter 0.1 / hue 0.02, clip 1.0",
                    ["--config.model_config.features=(32,64,128,256,512)",
@@ -49,7 +51,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "adamw": ("AdamW, weight decay 0.05", ["--config.optimizer=adamw",
                                            "--config.weight_decay=0.05"]),
     "clip1": ("gradient clipping at norm 1.0", ["--config.grad_clip_norm=1.0"]),
-    "smooth01": ("label smoothing 0.1", ["--config.label_smoothing=0.1"]),
+    "smooth01": ("label smoothing 0.1: configs/cpu_quick.py as is",
+                 ["--config.label_smoothing=0.1"]),
     "balanced": ("class-balanced sampling, alpha 0.5", ["--config.data.balance_alpha=0.5"]),
     "ema": ("weight average, decay 0.99 (warmed up: bmcc.steps.ema_decay_at)",
             ["--config.ema_decay=0.99"]),
@@ -60,8 +63,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    ["--config.model_config.dense=256", "--config.model_config.dropout=0.3"]),
     "pytorch_init": ("PyTorch's default initialisation (uniform, variance 1 / (3 fan_in))",
                      ["--config.model_config.init=pytorch"]),
+    "matek_norm": ("inputs normalised by the real cells' statistics (input_normalization=matek), "
+                   "as the PyTorch baseline by its training images'",
+                   ["--config.input_normalization=matek"]),
     "all20": ("base recipe, every class present (20)", ["--config.data.classes=None"]),
 }
+# The study's base: configs/cpu_quick.py without the one choice the study adopted (smooth01), so
+# that every variant, run before or after the adoption, changes one choice of the same recipe.
+BASE = ["--config.label_smoothing=0.0"]
 METRICS = ("balanced_accuracy", "accuracy")
 
 
@@ -90,7 +99,7 @@ def run_variant(name: str, data_flags: list[str], args: argparse.Namespace) -> b
              os.path.join(REPO, "configs", "cpu_quick.py"), "--mode=cross_validate",
              f"--workdir={workdir}", f"--config.data.num_folds={args.folds}",
              f"--config.num_epochs={args.epochs}", f"--config.seed={args.seed}", *data_flags,
-             *VARIANTS[name][1]]
+             *BASE, *VARIANTS[name][1]]
   print(f"== {name}: {' '.join(command)}", flush=True)
   start = time.time()
   with open(os.path.join(args.out, f"{name}.log"), "a") as log:

@@ -343,7 +343,7 @@ def _check_durations(config: Any) -> None:
 
 def _check_finetune(config: ml_collections.ConfigDict) -> None:
   """`pretrained`, `input_normalization` and `finetune.*` (see configs/default.py)."""
-  _check_choice(config, "input_normalization", ("auto", "imagenet", "stain"))
+  _check_choice(config, "input_normalization", ("auto", "imagenet", "stain", "matek"))
   source = config.get("pretrained")
   _require(source is None or isinstance(source, str), "pretrained", source,
            "must be None, a weight file or a hf-hub: id")

@@ -24,7 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 from bmcc import finetune, models
 from bmcc import sharding as sharding_lib
-from bmcc.data.normalization import MEAN_RGB, STDDEV_RGB, normalize_images
+from bmcc.data.normalization import (
+  MATEK_MEAN_RGB,
+  MATEK_STDDEV_RGB,
+  MEAN_RGB,
+  STDDEV_RGB,
+  normalize_images,
+)
 from bmcc.errors import ConfigError
 from bmcc.models.pretrained import IMAGENET
 
@@ -172,7 +178,8 @@ def input_normalization(config: ml_collections.ConfigDict
   """(mean, std), 0..255 scale, of the config's model inputs.
 
   `config.input_normalization`: 'imagenet' (what pretrained weights expect), 'stain' (bmcc's fixed
-  stain statistics) or 'auto' (default): ImageNet when `config.pretrained` is set, else stain.
+  stain statistics), 'matek' (the real cells' statistics, `MATEK_MEAN_RGB`) or 'auto' (default):
+  ImageNet when `config.pretrained` is set, else stain.
   """
   choice = config.get("input_normalization") or "auto"
   if choice == "auto":
@@ -181,7 +188,9 @@ def input_normalization(config: ml_collections.ConfigDict
     return tuple(IMAGENET.mean), tuple(IMAGENET.std)
   if choice == "stain":
     return tuple(MEAN_RGB), tuple(STDDEV_RGB)
-  raise ValueError(f"Unknown input_normalization {choice!r}: use auto, imagenet or stain.")
+  if choice == "matek":
+    return tuple(MATEK_MEAN_RGB), tuple(MATEK_STDDEV_RGB)
+  raise ValueError(f"Unknown input_normalization {choice!r}: use auto, imagenet, stain or matek.")
 
 
 def normalize_input(model: nnx.Module, images: jax.Array) -> jax.Array:

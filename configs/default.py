@@ -69,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Also what --mode=features embeds with.
   config.pretrained = placeholder(str)
   # Input normalisation: 'auto' (ImageNet statistics with `pretrained`, else the stain ones),
-  # 'imagenet' or 'stain'; it is stored with the checkpoints, which evaluate/predict follow.
+  # 'imagenet', 'stain' or 'matek' (the real cells' own statistics, bmcc.data.normalization); it
+  # is stored with the checkpoints, which evaluate/predict follow.
   config.input_normalization = "auto"
   # --mode=features: the probes fitted once on the frozen features (bmcc.probe; README,
   # "Pretrained backbones"). The defaults are DinoBloom's evaluation.

@@ -287,9 +287,11 @@ def test_checkpoint_without_normalisation_restores_with_the_stain_statistics(tmp
   assert restored.input_mean == MEAN_RGB and restored.input_std == STDDEV_RGB
   # Such a checkpoint resumes under a config that normalises the same way, and only that.
   checkpointing.check_compatible(old, metadata, "w")
-  config.input_normalization = "imagenet"
-  with pytest.raises(config_validation.ConfigError, match="input_mean"):
-    checkpointing.check_compatible(old, checkpointing.run_metadata(config, classes.CODES), "w")
+  for choice in ("imagenet", "matek"):
+    config.input_normalization = choice
+    with pytest.raises(config_validation.ConfigError, match="input_mean"):
+      checkpointing.check_compatible(old, checkpointing.run_metadata(config, classes.CODES), "w")
+  assert checkpointing.run_metadata(config, classes.CODES)["input_mean"] == [145.5, 127.0, 188.0]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bmcc import predict
-from bmcc.data import augment, decode
+from bmcc.data import augment, decode, normalization
 from bmcc.explain import driver
 from tests.test_predict import IMAGE_SIZE, _write_checkpoint
 
@@ -37,6 +37,16 @@ def test_fixture_is_one_real_cell_per_class_in_the_kaggle_layout():
     assert len(Path(f).parts) == (2 if codes[FILES.index(f)] in
                                   ("ABE", "BAS", "FGC", "HAC", "KSC", "LYI") else 3), f
   assert sum((ROOT / f).stat().st_size for f in FILES) < 700_000
+
+
+def test_matek_statistics_normalise_real_cells_and_the_stain_ones_do_not():
+  pixels = np.concatenate([decode.read_image(ROOT / name, 64)[0].reshape(-1, 3) for name in FILES])
+  matek = normalization.normalize_images(pixels, mean=normalization.MATEK_MEAN_RGB,
+                                         std=normalization.MATEK_STDDEV_RGB)
+  # One cell per class (rare dark ones included): near zero mean and unit spread, not exactly.
+  assert np.all(np.abs(matek.mean(0)) < 0.7) and np.all(np.abs(matek.std(0) - 1) < 0.15)
+  stain = normalization.normalize_images(pixels)  # fixed round values, 50+ grey levels brighter
+  assert np.all(stain.mean(0) < -0.8)
 
 
 @pytest.mark.parametrize("size", [64, 224])
