@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
       "seed": 0,  # seed of the synthetic images
   })
   config.label_smoothing = 0.0  # the numbers above were measured without it
+  config.input_normalization = "auto"  # and with the stain statistics (ImageNet if pretrained)
   config.data.num_workers = 0  # decoding 48 px is cheap next to the step on 2 cores
   config.image_size = 48
   config.model_config.features = (8, 16, 32)

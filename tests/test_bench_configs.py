@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from bmcc import config_validation, models
+from bmcc import config_validation, models, steps
 from bmcc.data import classes
 from tests.helpers import CONFIG_NAMES
 
@@ -95,16 +95,16 @@ def test_default_is_the_argued_recipe_and_the_variants_differ_from_it_as_documen
   assert simple.model == "simple_cnn" and simple.image_size == 250
   assert simple.data.balance_alpha == 0.0 and simple.ema_decay is None
   assert simple.label_smoothing == 0.1 and simple.model_config.dtype == "float32"  # real cells
+  assert steps.input_normalization(simple)[0] == (145.5, 127.0, 188.0)  # 'matek', real cells
   for name in ("demo", "tiny"):
     small = _config(name)
     assert small.ema_decay is None and small.data.balance_alpha == 0.0
     assert small.label_smoothing == 0.0  # their measured numbers are without it
+    assert steps.input_normalization(small)[0] == (200.0, 180.0, 200.0)  # and with the stain's
     assert small.data.synthetic is not None
 
 
 def test_pretrained_recipes_are_as_documented():
-  from bmcc import steps
-
   probe, tune, resnet = (_config(n) for n in
                          ("dinobloom_s_probe", "dinobloom_b_finetune", "resnet50_imagenet"))
   for config in (probe, tune, resnet):
